@@ -1,0 +1,299 @@
+"""REST API: one view per operation, each with its own small serializers. Thin: parse, call a
+service or selector, render. Permissions are checked by the services/selectors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import authenticate, get_user_model
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.authtoken.models import Token
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from annotate import selectors, services
+from annotate.errors import Invalid, NotFound, TooLarge
+from annotate.models import Judgment, Project, ProjectMember
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise Invalid(f"query parameter {name!r} must be an integer") from exc
+    if not lo <= value <= hi:
+        raise Invalid(f"query parameter {name!r} must be between {lo} and {hi}")
+    return value
+
+
+class TokenView(APIView):
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    class InputSerializer(serializers.Serializer):
+        username = serializers.CharField()
+        password = serializers.CharField(style={"input_type": "password"})
+
+    class OutputSerializer(serializers.Serializer):
+        token = serializers.CharField()
+
+    @extend_schema(request=InputSerializer, responses=OutputSerializer, operation_id="auth_token")
+    def post(self, request: Request) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        user = authenticate(request, username=data.validated_data["username"], password=data.validated_data["password"])
+        if user is None:
+            return Response({"error": {"code": "bad_credentials", "message": "wrong username or password",
+                                       "details": {}}}, status=status.HTTP_400_BAD_REQUEST)
+        token, _ = Token.objects.get_or_create(user=user)
+        return Response({"token": token.key})
+
+
+class ProjectListCreateView(APIView):
+    class AspectSerializer(serializers.Serializer):
+        key = serializers.CharField(max_length=50)
+        label = serializers.CharField(max_length=200, required=False)
+
+    class InputSerializer(serializers.Serializer):
+        slug = serializers.SlugField(max_length=80)
+        name = serializers.CharField(max_length=200)
+        modality = serializers.ChoiceField(choices=["", "image", "video", "text"], required=False, default="")
+        instructions = serializers.CharField(required=False, allow_blank=True, default="")
+        allow_tie = serializers.BooleanField(required=False, default=True)
+        allow_both_bad = serializers.BooleanField(required=False, default=True)
+        aspects = serializers.ListField(child=serializers.DictField(), required=False, default=list)
+        mode = serializers.ChoiceField(choices=Project.Mode.values, required=False, default="pairwise")
+        k = serializers.IntegerField(required=False, default=2)
+        overlap = serializers.IntegerField(required=False, default=1)
+        gold_rate = serializers.FloatField(required=False, default=0.0)
+        lease_seconds = serializers.IntegerField(required=False, default=900)
+        undo_seconds = serializers.IntegerField(required=False, default=30, min_value=0, max_value=3600)
+
+    @extend_schema(operation_id="projects_list")
+    def get(self, request: Request) -> Response:
+        return Response({"projects": selectors.projects_of_user(user=request.user)})
+
+    @extend_schema(request=InputSerializer, operation_id="projects_create")
+    def post(self, request: Request) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        project = services.project_create(creator=request.user, **data.validated_data)
+        return Response(project_detail(project), status=status.HTTP_201_CREATED)
+
+
+def project_detail(project: Project) -> dict[str, Any]:
+    return {
+        "slug": project.slug, "name": project.name, "modality": project.modality,
+        "instructions": project.instructions, "options": {"tie": project.allow_tie, "both_bad": project.allow_both_bad},
+        "aspects": project.aspects, "mode": project.mode, "k": project.k, "overlap": project.overlap,
+        "gold_rate": project.gold_rate, "lease_seconds": project.lease_seconds, "undo_seconds": project.undo_seconds,
+    }
+
+
+class ProjectDetailView(APIView):
+    @extend_schema(operation_id="project_detail")
+    def get(self, request: Request, slug: str) -> Response:
+        project, member = selectors.project_for_member(slug=slug, user=request.user)
+        return Response({**project_detail(project), "role": member.role})
+
+
+class MemberSetView(APIView):
+    class InputSerializer(serializers.Serializer):
+        username = serializers.CharField()
+        role = serializers.ChoiceField(choices=ProjectMember.Role.values, default="annotator")
+        paused = serializers.BooleanField(required=False, default=False)
+
+    @extend_schema(request=InputSerializer, operation_id="project_member_set")
+    def post(self, request: Request, slug: str) -> Response:
+        project = selectors.project_get(slug=slug)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        user = get_user_model().objects.filter(username=data.validated_data["username"]).first()
+        if user is None:
+            raise NotFound(f"no user {data.validated_data['username']!r}")
+        m = services.project_member_set(project=project, actor=request.user, user=user,
+                                        role=data.validated_data["role"], paused=data.validated_data["paused"])
+        return Response({"username": user.get_username(), "role": m.role, "paused": m.paused})
+
+
+def _sample_out(result: services.SampleResult) -> dict[str, Any]:
+    s = result.sample
+    return {**selectors.sample_payload(s), "prompt": s.prompt_id, "content_hash": s.content_hash,
+            "created": result.created}
+
+
+class SampleUploadView(APIView):
+    parser_classes = [MultiPartParser, FormParser, JSONParser]
+
+    class TextSampleSerializer(serializers.Serializer):
+        prompt = serializers.CharField(trim_whitespace=False)
+        text = serializers.CharField(trim_whitespace=False)
+        generator = serializers.CharField(required=False, allow_blank=True, default="")
+        generator_version = serializers.CharField(required=False, allow_blank=True, default="")
+        metadata = serializers.DictField(required=False, default=dict)
+
+    class TextInputSerializer(serializers.Serializer):
+        samples = serializers.ListField(min_length=1, max_length=10_000)
+
+    @extend_schema(operation_id="samples_upload")
+    def post(self, request: Request, slug: str) -> Response:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+        if length > settings.RL_MAX_UPLOAD_BYTES:
+            raise TooLarge(f"request is {length} bytes; the upload limit is {settings.RL_MAX_UPLOAD_BYTES} bytes")
+        project = selectors.project_get(slug=slug)
+        if "file" in request.FILES:
+            return self._media(request, project)
+        if request.content_type.startswith("multipart/"):
+            raise Invalid("multipart upload without a 'file' field")
+        data = self.TextInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        items = []
+        for i, raw in enumerate(data.validated_data["samples"]):
+            item = self.TextSampleSerializer(data=raw)
+            if not item.is_valid():
+                raise Invalid(f"sample {i}: " + "; ".join(f"{k}: {v[0]}" for k, v in item.errors.items()),
+                              details={"index": i})
+            items.append(item.validated_data)
+        results = services.sample_create_texts(project=project, actor=request.user, items=items)
+        code = status.HTTP_201_CREATED if any(r.created for r in results) else status.HTTP_200_OK
+        return Response({"samples": [_sample_out(r) for r in results]}, status=code)
+
+    def _media(self, request: Request, project: Project) -> Response:
+        upload = request.FILES["file"]
+        prompt = request.data.get("prompt", "")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise Invalid("'prompt' is required")
+        metadata: dict[str, Any] = {}
+        raw_meta = request.data.get("metadata")
+        if raw_meta:
+            try:
+                metadata = json.loads(raw_meta)
+            except ValueError as exc:
+                raise Invalid("'metadata' must be a JSON object") from exc
+            if not isinstance(metadata, dict):
+                raise Invalid("'metadata' must be a JSON object")
+        result = services.sample_create_media(
+            project=project, actor=request.user, file=upload, filename=upload.name or "upload", prompt=prompt,
+            generator=str(request.data.get("generator", "")), generator_version=str(request.data.get("generator_version", "")),
+            metadata=metadata,
+        )
+        code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
+        return Response({"samples": [_sample_out(result)]}, status=code)
+
+
+class ComparisonCreateView(APIView):
+    class SpecSerializer(serializers.Serializer):
+        samples = serializers.ListField(child=serializers.IntegerField(), min_length=2, max_length=16)
+        priority = serializers.FloatField(required=False, default=0.0)
+        overlap = serializers.IntegerField(required=False, min_value=1, max_value=100)
+        gold_answer = serializers.JSONField(required=False)
+
+    class InputSerializer(serializers.Serializer):
+        comparisons = serializers.ListField(required=False, max_length=100_000)
+        random_pairs_per_prompt = serializers.IntegerField(required=False, min_value=1, max_value=1000)
+        seed = serializers.IntegerField(required=False)
+
+    @extend_schema(request=InputSerializer, operation_id="comparisons_create")
+    def post(self, request: Request, slug: str) -> Response:
+        project = selectors.project_get(slug=slug)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        if ("comparisons" in v) == ("random_pairs_per_prompt" in v):
+            raise Invalid("send either 'comparisons' or 'random_pairs_per_prompt'")
+        if "comparisons" in v:
+            specs = []
+            for i, raw in enumerate(v["comparisons"]):
+                spec = self.SpecSerializer(data=raw)
+                if not spec.is_valid():
+                    raise Invalid(f"comparison {i}: " + "; ".join(f"{k}: {e[0]}" for k, e in spec.errors.items()),
+                                  details={"index": i})
+                specs.append(spec.validated_data)
+            created = services.comparisons_create(project=project, actor=request.user, specs=specs)
+        else:
+            created = services.comparisons_create_random_pairs(
+                project=project, actor=request.user, pairs_per_prompt=v["random_pairs_per_prompt"], seed=v.get("seed"))
+        return Response({"created": len(created), "ids": [c.id for c in created]}, status=status.HTTP_201_CREATED)
+
+
+class NextView(APIView):
+    @extend_schema(parameters=[OpenApiParameter("n", int, description="leases wanted (1-20)")],
+                   operation_id="next_comparisons")
+    def get(self, request: Request, slug: str) -> Response:
+        project = selectors.project_get(slug=slug)
+        n = _int_param(request, "n", 1, 1, 20)
+        leases = services.assignment_next(project=project, annotator=request.user, n=n)
+        return Response(selectors.leases_payload(project=project, leases=leases))
+
+
+class JudgmentSubmitView(APIView):
+    class InputSerializer(serializers.Serializer):
+        assignment = serializers.IntegerField()
+        choice = serializers.ChoiceField(choices=services.CHOICES, required=False)
+        ranking = serializers.ListField(child=serializers.IntegerField(), required=False, max_length=16)
+        aspects = serializers.DictField(child=serializers.CharField(), required=False, default=dict)
+        rationale = serializers.CharField(required=False, allow_blank=True, default="", max_length=10_000)
+        artifacts = serializers.ListField(child=serializers.DictField(), required=False, default=list)
+        time_spent_ms = serializers.IntegerField(required=False, default=0, min_value=0, max_value=86_400_000)
+        idempotency_key = serializers.CharField(required=False, allow_blank=True, default="", max_length=64)
+        source = serializers.ChoiceField(choices=[Judgment.Source.UI, Judgment.Source.API,
+                                                  Judgment.Source.SIMULATED], required=False, default="ui")
+
+    @extend_schema(request=InputSerializer, operation_id="judgment_submit",
+                   parameters=[OpenApiParameter("next", int, description="also return my next n leases")])
+    def post(self, request: Request, slug: str) -> Response:
+        project = selectors.project_get(slug=slug)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        want_next = _int_param(request, "next", 0, 0, 20)
+        result = services.judgment_submit(
+            project=project, annotator=request.user, assignment_id=v["assignment"], choice=v.get("choice"),
+            ranking=v.get("ranking"), aspects=v["aspects"], rationale=v["rationale"], artifacts=v["artifacts"],
+            time_spent_ms=v["time_spent_ms"], idempotency_key=v["idempotency_key"], source=v["source"],
+        )
+        j = result.judgment
+        body: dict[str, Any] = {"judgment": {"id": j.id, "comparison": j.comparison_id, "outcome": j.outcome,
+                                             "winner": j.winner_id, "created_at": j.created_at.isoformat()}}
+        if want_next:
+            leases = services.assignment_next(project=project, annotator=request.user, n=want_next)
+            body["next"] = selectors.leases_payload(project=project, leases=leases)
+        return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
+
+
+class SkipView(APIView):
+    class InputSerializer(serializers.Serializer):
+        assignment = serializers.IntegerField()
+
+    @extend_schema(request=InputSerializer, operation_id="assignment_skip")
+    def post(self, request: Request, slug: str) -> Response:
+        project = selectors.project_get(slug=slug)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        a = services.assignment_skip(project=project, annotator=request.user, assignment_id=data.validated_data["assignment"])
+        return Response({"assignment": a.id, "status": a.status})
+
+
+class UndoView(APIView):
+    @extend_schema(request=None, operation_id="judgment_undo")
+    def post(self, request: Request, slug: str) -> Response:
+        project = selectors.project_get(slug=slug)
+        selectors.member_role_require(project=project, user=request.user)
+        a = services.judgment_undo(project=project, annotator=request.user)
+        return Response(selectors.leases_payload(project=project, leases=[a]))
+
+
+class ProgressView(APIView):
+    @extend_schema(operation_id="progress")
+    def get(self, request: Request, slug: str) -> Response:
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        return Response(selectors.annotator_progress(project=project, annotator=request.user))

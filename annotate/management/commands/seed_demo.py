@@ -1,0 +1,88 @@
+"""`manage.py seed_demo`: a demo project with image, video and text comparisons, all made locally
+(procedural images, short clips, templated texts), and a `demo` login. Idempotent."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandParser
+from tqdm import tqdm
+
+from annotate import demo_media, services
+from annotate.models import Comparison, Project, ProjectMember
+
+INSTRUCTIONS = """\
+# How to judge
+
+Pick the output that **better matches the prompt** and looks or reads better.
+
+| key | outcome |
+|---|---|
+| `←` or `1` | left is better |
+| `→` or `2` | right is better |
+| `↑` or `3` | tie |
+| `↓` or `4` | both bad |
+| `space` | play / pause both videos |
+| `,` `.` | step one frame back / forward |
+| `s` | skip, `u` undo |
+
+Judge the content, not the position: the sides are shuffled for every comparison.
+"""
+
+# Two versions of one demo generator: v2 is cleaner, so the annotators' votes can tell them apart.
+VERSIONS = [("demo-gen", "v1", "noisy"), ("demo-gen", "v2", "clean")]
+
+
+class Command(BaseCommand):
+    help = "Seed the demo project (image, video and text comparisons) and the demo/demo login."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--slug", default="demo")
+        parser.add_argument("--password", default="demo")
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        User = get_user_model()
+        user, created = User.objects.get_or_create(
+            username="demo", defaults={"is_staff": True, "is_superuser": True, "email": "demo@example.com"}
+        )
+        if created:
+            user.set_password(opts["password"])
+            user.save()
+        project = Project.objects.filter(slug=opts["slug"]).first()
+        if project is not None and Comparison.objects.filter(project=project).exists():
+            self.stdout.write(f"demo project {project.slug!r} already seeded")
+            return
+        if project is None:
+            project = services.project_create(
+                creator=user, slug=opts["slug"], name="Demo: images, videos and texts", instructions=INSTRUCTIONS,
+                aspects=[], overlap=1,
+            )
+        ProjectMember.objects.get_or_create(project=project, user=user, defaults={"role": "manager"})
+        jobs = [(m, p) for m in ("image", "video", "text") for p in demo_media.DEMO_PROMPTS[m]]
+        for modality, prompt in tqdm(jobs, desc="demo samples", unit="prompt"):
+            for seed, (gen, version, style) in enumerate(VERSIONS):
+                for extra in range(2 if style == "clean" else 1):
+                    s = seed * 10 + extra
+                    meta = {"style": style, "seed": s}
+                    if modality == "text":
+                        text = demo_media.compose_text(prompt, seed=s, style=style)
+                        services.sample_create_texts(project=project, actor=user, items=[{
+                            "prompt": prompt, "text": text, "generator": gen, "generator_version": version,
+                            "metadata": meta}])
+                        continue
+                    if modality == "image":
+                        data = demo_media.draw_image(prompt, seed=s, size=384, style=style)
+                        name = "image.png"
+                    else:
+                        data = demo_media.render_clip(prompt, seed=s, style=style)
+                        name = "clip.mp4"
+                    services.sample_create_media(project=project, actor=user, file=io.BytesIO(data), filename=name,
+                                                 prompt=prompt, generator=gen, generator_version=version,
+                                                 metadata=meta)
+        created_cmp = services.comparisons_create_random_pairs(project=project, actor=user, pairs_per_prompt=3,
+                                                               seed=0)
+        self.stdout.write(self.style.SUCCESS(
+            f"seeded project {project.slug!r}: {project.samples.count()} samples, {len(created_cmp)} comparisons"
+        ))
