@@ -63,7 +63,16 @@ class GeneratorVersionAdmin(admin.ModelAdmin):
 
 @admin.register(Sample)
 class SampleAdmin(admin.ModelAdmin):
-    list_display = ["id", "project", "modality", "generator_version", "width", "height", "duration", "created_at"]
+    list_display = [
+        "id",
+        "project",
+        "modality",
+        "generator_version",
+        "width",
+        "height",
+        "duration",
+        "created_at",
+    ]
     list_filter = ["modality", "project"]
     raw_id_fields = ["prompt", "generator_version"]
     readonly_fields = ["content_hash", "byte_size", "created_at"]
@@ -78,8 +87,17 @@ class ComparisonSampleInline(admin.TabularInline):
 
 @admin.register(Comparison)
 class ComparisonAdmin(admin.ModelAdmin):
-    list_display = ["id", "project", "status", "priority", "origin", "overlap", "slots_taken", "judgments_count",
-                    "is_gold"]
+    list_display = [
+        "id",
+        "project",
+        "status",
+        "priority",
+        "origin",
+        "overlap",
+        "slots_taken",
+        "judgments_count",
+        "is_gold",
+    ]
     list_filter = ["status", "origin", "is_gold", "project"]
     raw_id_fields = ["prompt"]
     inlines = [ComparisonSampleInline]
@@ -95,14 +113,23 @@ class AssignmentAdmin(admin.ModelAdmin):
     show_full_result_count = False
 
     @admin.action(description="Return expired leases to the pool now")
-    def expire_now(self, request, queryset):  # type: ignore[no-untyped-def]
+    def expire_now(self, request, queryset):
         n = services.leases_expire()
         self.message_user(request, f"{n} expired leases returned to the pool")
 
 
 @admin.register(Judgment)
 class JudgmentAdmin(admin.ModelAdmin):
-    list_display = ["id", "project", "comparison", "annotator", "outcome", "source", "time_spent_ms", "created_at"]
+    list_display = [
+        "id",
+        "project",
+        "comparison",
+        "annotator",
+        "outcome",
+        "source",
+        "time_spent_ms",
+        "created_at",
+    ]
     list_filter = ["outcome", "source", "project"]
     raw_id_fields = ["comparison", "annotator", "assignment", "winner"]
     show_full_result_count = False

@@ -23,13 +23,21 @@ class Project(models.Model):
 
     slug = models.SlugField(max_length=80, unique=True)
     name = models.CharField(max_length=200)
-    modality = models.CharField(max_length=10, choices=Modality.choices, blank=True, default="",
-                                help_text="Empty means mixed modalities.")
+    modality = models.CharField(
+        max_length=10,
+        choices=Modality.choices,
+        blank=True,
+        default="",
+        help_text="Empty means mixed modalities.",
+    )
     instructions = models.TextField(blank=True, default="", help_text="Markdown shown to annotators on '?'.")
     allow_tie = models.BooleanField(default=True)
     allow_both_bad = models.BooleanField(default=True)
-    aspects = models.JSONField(default=list, blank=True,
-                               help_text='Named criteria judged separately: [{"key": "alignment", "label": "..."}]')
+    aspects = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Named criteria judged separately: [{"key": "alignment", "label": "..."}]',
+    )
     mode = models.CharField(max_length=10, choices=Mode.choices, default=Mode.PAIRWISE)
     k = models.PositiveSmallIntegerField(default=2, help_text="Outputs per comparison (2 for pairwise).")
     overlap = models.PositiveSmallIntegerField(default=1, help_text="Judgments wanted per comparison.")
@@ -43,8 +51,12 @@ class Project(models.Model):
     class Meta:
         constraints = [
             models.CheckConstraint(condition=Q(k__gte=2) & Q(k__lte=16), name="project_k_range"),
-            models.CheckConstraint(condition=Q(overlap__gte=1) & Q(overlap__lte=100), name="project_overlap_range"),
-            models.CheckConstraint(condition=Q(gold_rate__gte=0) & Q(gold_rate__lte=1), name="project_gold_rate_range"),
+            models.CheckConstraint(
+                condition=Q(overlap__gte=1) & Q(overlap__lte=100), name="project_overlap_range"
+            ),
+            models.CheckConstraint(
+                condition=Q(gold_rate__gte=0) & Q(gold_rate__lte=1), name="project_gold_rate_range"
+            ),
             models.CheckConstraint(condition=~Q(mode="pairwise") | Q(k=2), name="project_pairwise_k2"),
             models.CheckConstraint(condition=Q(lease_seconds__gte=10), name="project_lease_min"),
         ]
@@ -101,7 +113,9 @@ class Generator(models.Model):
 class GeneratorVersion(models.Model):
     generator = models.ForeignKey(Generator, on_delete=models.CASCADE, related_name="versions")
     name = models.CharField(max_length=200, help_text="Checkpoint or release label.")
-    checkpoint = models.CharField(max_length=500, blank=True, default="", help_text="Path or URI; empty for uploads.")
+    checkpoint = models.CharField(
+        max_length=500, blank=True, default="", help_text="Path or URI; empty for uploads."
+    )
     is_external = models.BooleanField(default=True, help_text="Uploaded outputs rather than a model we run.")
     metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -122,8 +136,9 @@ def sample_upload_path(instance: Sample, filename: str) -> str:
 class Sample(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="samples")
     prompt = models.ForeignKey(Prompt, on_delete=models.PROTECT, related_name="samples")
-    generator_version = models.ForeignKey(GeneratorVersion, null=True, blank=True, on_delete=models.PROTECT,
-                                          related_name="samples")
+    generator_version = models.ForeignKey(
+        GeneratorVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="samples"
+    )
     modality = models.CharField(max_length=10, choices=Modality.choices)
     media = models.FileField(upload_to=sample_upload_path, blank=True, default="", max_length=300)
     mime_type = models.CharField(max_length=100, blank=True, default="")
@@ -184,17 +199,23 @@ class Comparison(models.Model):
     class Meta:
         constraints = [
             models.CheckConstraint(condition=Q(overlap__gte=1), name="comparison_overlap_min"),
-            models.CheckConstraint(condition=Q(slots_taken__lte=F("overlap")), name="comparison_slots_le_overlap"),
-            models.CheckConstraint(condition=Q(judgments_count__lte=F("slots_taken")),
-                                   name="comparison_judgments_le_slots"),
-            models.CheckConstraint(condition=Q(is_gold=False) | Q(gold_answer__isnull=False),
-                                   name="comparison_gold_has_answer"),
+            models.CheckConstraint(
+                condition=Q(slots_taken__lte=F("overlap")), name="comparison_slots_le_overlap"
+            ),
+            models.CheckConstraint(
+                condition=Q(judgments_count__lte=F("slots_taken")), name="comparison_judgments_le_slots"
+            ),
+            models.CheckConstraint(
+                condition=Q(is_gold=False) | Q(gold_answer__isnull=False), name="comparison_gold_has_answer"
+            ),
             models.UniqueConstraint(fields=["id", "prompt"], name="comparison_id_prompt"),
         ]
         indexes = [
             # The hot path of `next`: open comparisons with a free slot, best first.
             models.Index(
-                F("project"), F("priority").desc(), F("id"),
+                F("project"),
+                F("priority").desc(),
+                F("id"),
                 name="comparison_open_queue",
                 condition=Q(status="open") & Q(slots_taken__lt=F("overlap")),
             ),
@@ -220,6 +241,9 @@ class ComparisonSample(models.Model):
             models.UniqueConstraint(fields=["comparison", "sample"], name="compsample_no_self_compare"),
         ]
 
+    def __str__(self) -> str:
+        return f"comparison {self.comparison_id} #{self.position}: sample {self.sample_id}"
+
 
 class Assignment(models.Model):
     """A lease of one comparison slot to one annotator."""
@@ -232,7 +256,9 @@ class Assignment(models.Model):
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
     comparison = models.ForeignKey(Comparison, on_delete=models.CASCADE, related_name="assignments")
-    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments")
+    annotator = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments"
+    )
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACTIVE)
     display_order = models.JSONField(help_text="Sample ids in the order shown, left to right.")
     leased_at = models.DateTimeField()
@@ -245,7 +271,9 @@ class Assignment(models.Model):
         ]
         indexes = [
             models.Index(fields=["project", "annotator", "status", "leased_at"], name="assignment_mine"),
-            models.Index(fields=["expires_at"], name="assignment_active_expiry", condition=Q(status="active")),
+            models.Index(
+                fields=["expires_at"], name="assignment_active_expiry", condition=Q(status="active")
+            ),
         ]
 
 
@@ -265,16 +293,20 @@ class Judgment(models.Model):
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="judgments")
     comparison = models.ForeignKey(Comparison, on_delete=models.CASCADE, related_name="judgments")
-    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="judgments")
-    assignment = models.OneToOneField(Assignment, null=True, blank=True, on_delete=models.SET_NULL,
-                                      related_name="judgment")
+    annotator = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="judgments"
+    )
+    assignment = models.OneToOneField(
+        Assignment, null=True, blank=True, on_delete=models.SET_NULL, related_name="judgment"
+    )
     outcome = models.CharField(max_length=10, choices=Outcome.choices)
     winner = models.ForeignKey(Sample, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     ranking = models.JSONField(null=True, blank=True, help_text="Sample ids best first (k-wise).")
     aspects = models.JSONField(default=dict, blank=True, help_text='{"aspect key": "a"|"b"|"tie"|"both_bad"}')
     rationale = models.TextField(blank=True, default="")
-    artifacts = models.JSONField(default=list, blank=True,
-                                 help_text='[{"sample": id, "tags": [...], "regions": [[x, y, w, h], ...]}]')
+    artifacts = models.JSONField(
+        default=list, blank=True, help_text='[{"sample": id, "tags": [...], "regions": [[x, y, w, h], ...]}]'
+    )
     displayed_order = models.JSONField(help_text="Sample ids as they were shown, left to right.")
     time_spent_ms = models.PositiveIntegerField(default=0)
     idempotency_key = models.CharField(max_length=64, blank=True, default="")
@@ -284,17 +316,24 @@ class Judgment(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["comparison", "annotator"], name="judgment_once_per_annotator"),
-            models.UniqueConstraint(fields=["annotator", "idempotency_key"], name="judgment_idempotency",
-                                    condition=~Q(idempotency_key="")),
+            models.UniqueConstraint(
+                fields=["annotator", "idempotency_key"],
+                name="judgment_idempotency",
+                condition=~Q(idempotency_key=""),
+            ),
             models.CheckConstraint(
                 condition=(Q(outcome="ranking") & Q(ranking__isnull=False))
                 | (~Q(outcome="ranking") & Q(ranking__isnull=True)),
                 name="judgment_ranking_matches_outcome",
             ),
-            models.CheckConstraint(condition=~Q(outcome__in=["a", "b"]) | Q(winner__isnull=False),
-                                   name="judgment_winner_set"),
+            models.CheckConstraint(
+                condition=~Q(outcome__in=["a", "b"]) | Q(winner__isnull=False), name="judgment_winner_set"
+            ),
         ]
         indexes = [
             models.Index(fields=["project", "created_at"], name="judgment_project_time"),
             models.Index(fields=["annotator", "created_at"], name="judgment_annotator_time"),
         ]
+
+    def __str__(self) -> str:
+        return f"judgment {self.pk}: {self.outcome} on comparison {self.comparison_id}"

@@ -77,9 +77,20 @@ def project_create(
         raise Invalid("lease_seconds must be at least 10")
     with transaction.atomic():
         project = Project.objects.create(
-            slug=slug, name=name, modality=modality, instructions=instructions, allow_tie=allow_tie,
-            allow_both_bad=allow_both_bad, aspects=aspect_list, mode=mode, k=k, overlap=overlap,
-            gold_rate=gold_rate, lease_seconds=lease_seconds, undo_seconds=undo_seconds, created_by=creator,
+            slug=slug,
+            name=name,
+            modality=modality,
+            instructions=instructions,
+            allow_tie=allow_tie,
+            allow_both_bad=allow_both_bad,
+            aspects=aspect_list,
+            mode=mode,
+            k=k,
+            overlap=overlap,
+            gold_rate=gold_rate,
+            lease_seconds=lease_seconds,
+            undo_seconds=undo_seconds,
+            created_by=creator,
         )
         ProjectMember.objects.create(project=project, user=creator, role=ProjectMember.Role.MANAGER)
     return project
@@ -189,15 +200,31 @@ def sample_create_media(
 
 
 def _sample_row(
-    *, project: Project, prompt: Prompt, gv: GeneratorVersion | None, info: MediaInfo,
-    metadata: dict[str, Any] | None, text: str = ""
+    *,
+    project: Project,
+    prompt: Prompt,
+    gv: GeneratorVersion | None,
+    info: MediaInfo,
+    metadata: dict[str, Any] | None,
+    text: str = "",
 ) -> Sample:
     meta = dict(metadata or {})
     meta.update({k: v for k, v in info.extra.items() if k not in meta})
     return Sample(
-        project=project, prompt=prompt, generator_version=gv, modality=info.modality, mime_type=info.mime_type,
-        text=text, content_hash=info.content_hash, byte_size=info.byte_size, width=info.width,
-        height=info.height, duration=info.duration, frames=info.frames, fps=info.fps, metadata=meta,
+        project=project,
+        prompt=prompt,
+        generator_version=gv,
+        modality=info.modality,
+        mime_type=info.mime_type,
+        text=text,
+        content_hash=info.content_hash,
+        byte_size=info.byte_size,
+        width=info.width,
+        height=info.height,
+        duration=info.duration,
+        frames=info.frames,
+        fps=info.fps,
+        metadata=meta,
     )
 
 
@@ -232,8 +259,9 @@ def sample_create_texts(
             gv = generator_version_get_or_create(
                 generator=str(item.get("generator") or ""), version=str(item.get("generator_version") or "")
             )
-            sample = _sample_row(project=project, prompt=p, gv=gv, info=info, metadata=item.get("metadata"),
-                                 text=text)
+            sample = _sample_row(
+                project=project, prompt=p, gv=gv, info=info, metadata=item.get("metadata"), text=text
+            )
             sample.save()
             results.append(SampleResult(sample, True))
     return results
@@ -262,7 +290,9 @@ def comparisons_create(
     for i, spec in enumerate(specs):
         ids = [int(x) for x in spec.get("samples", [])]
         if len(ids) != project.k:
-            raise Invalid(f"comparison {i}: needs exactly {project.k} samples, got {len(ids)}", details={"index": i})
+            raise Invalid(
+                f"comparison {i}: needs exactly {project.k} samples, got {len(ids)}", details={"index": i}
+            )
         if len(set(ids)) != len(ids):
             raise Invalid(f"comparison {i}: a sample cannot be compared with itself", details={"index": i})
         missing = [sid for sid in ids if sid not in samples]
@@ -276,8 +306,14 @@ def comparisons_create(
             raise Invalid(f"comparison {i}: overlap must be between 1 and 100", details={"index": i})
         gold = spec.get("gold_answer")
         c = Comparison(
-            project=project, prompt_id=prompts.pop(), priority=float(spec.get("priority") or 0.0), origin=origin,
-            origin_round=origin_round, overlap=overlap, is_gold=gold is not None, gold_answer=gold,
+            project=project,
+            prompt_id=prompts.pop(),
+            priority=float(spec.get("priority") or 0.0),
+            origin=origin,
+            origin_round=origin_round,
+            overlap=overlap,
+            is_gold=gold is not None,
+            gold_answer=gold,
         )
         rows.append((c, ids))
     with transaction.atomic():
@@ -294,7 +330,11 @@ def comparisons_create(
 
 
 def comparisons_create_random_pairs(
-    *, project: Project, actor: Any | None, pairs_per_prompt: int, seed: int | None = None,
+    *,
+    project: Project,
+    actor: Any | None,
+    pairs_per_prompt: int,
+    seed: int | None = None,
     priority: float = 0.0,
 ) -> list[Comparison]:
     """For each prompt, draw up to ``pairs_per_prompt`` distinct random pairs of its samples
@@ -307,10 +347,14 @@ def comparisons_create_random_pairs(
         raise Invalid("pairs_per_prompt must be between 1 and 1000")
     rng = random.Random(seed)
     by_prompt: dict[int, list[tuple[int, int | None]]] = {}
-    for sid, pid, gv in Sample.objects.filter(project=project).values_list("id", "prompt_id", "generator_version_id"):
+    for sid, pid, gv in Sample.objects.filter(project=project).values_list(
+        "id", "prompt_id", "generator_version_id"
+    ):
         by_prompt.setdefault(pid, []).append((sid, gv))
     existing: set[frozenset[int]] = set()
-    pairs_q = ComparisonSample.objects.filter(comparison__project=project).values_list("comparison_id", "sample_id")
+    pairs_q = ComparisonSample.objects.filter(comparison__project=project).values_list(
+        "comparison_id", "sample_id"
+    )
     current: dict[int, list[int]] = {}
     for cid, sid in pairs_q:
         current.setdefault(cid, []).append(sid)
@@ -318,7 +362,9 @@ def comparisons_create_random_pairs(
     specs: list[dict[str, Any]] = []
     for samples in by_prompt.values():
         candidates = [
-            (a, b) for i, a in enumerate(samples) for b in samples[i + 1:]
+            (a, b)
+            for i, a in enumerate(samples)
+            for b in samples[i + 1 :]
             if frozenset((a[0], b[0])) not in existing
         ]
         rng.shuffle(candidates)
@@ -338,6 +384,7 @@ _PICK_SQL = """
 WITH picked AS (
     SELECT c.id FROM annotate_comparison c
     WHERE c.project_id = %(project)s AND c.status = 'open' AND c.slots_taken < c.overlap
+      AND c.id <> ALL(%(taken)s)
       AND NOT EXISTS (
           SELECT 1 FROM annotate_assignment a WHERE a.comparison_id = c.id AND a.annotator_id = %(user)s)
     ORDER BY c.priority DESC, c.id
@@ -350,7 +397,9 @@ RETURNING c.id, c.priority
 """
 
 
-def assignment_next(*, project: Project, annotator: Any, n: int = 1, now: datetime | None = None) -> list[Assignment]:
+def assignment_next(
+    *, project: Project, annotator: Any, n: int = 1, now: datetime | None = None
+) -> list[Assignment]:
     """Return up to ``n`` leases for ``annotator``: their unexpired active leases first, then new
     ones. Concurrent callers never get the same slot (row locks with SKIP LOCKED), and nobody
     is ever handed a comparison they were handed before."""
@@ -358,32 +407,58 @@ def assignment_next(*, project: Project, annotator: Any, n: int = 1, now: dateti
         raise Invalid("n must be between 1 and 20")
     member = member_role_require(project=project, user=annotator)
     now = now or timezone.now()
-    held = list(
-        Assignment.objects.filter(project=project, annotator=annotator, status=Assignment.Status.ACTIVE,
-                                  expires_at__gt=now).order_by("leased_at", "id")[:n]
-    )
-    need = n - len(held)
-    if need <= 0 or member.paused:
-        return held
     with transaction.atomic():
         with connection.cursor() as cur:
-            cur.execute(_PICK_SQL, {"project": project.id, "user": annotator.id, "n": need})
-            picked = sorted(cur.fetchall(), key=lambda r: (-r[1], r[0]))
+            # One `next` at a time per annotator and project: parallel prefetches then agree on
+            # which leases the annotator holds instead of each grabbing new ones.
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [project.id % 2**31, annotator.id % 2**31])
+        held = list(
+            Assignment.objects.filter(
+                project=project, annotator=annotator, status=Assignment.Status.ACTIVE, expires_at__gt=now
+            ).order_by("leased_at", "id")[:n]
+        )
+        need = n - len(held)
+        if need <= 0 or member.paused:
+            return held
+        picked: list[tuple[int, float]] = []
+        with connection.cursor() as cur:
+            # SKIP LOCKED passes over rows other annotators are taking right now; a second look
+            # (a fresh snapshot) finds the slots they left free once they commit.
+            for _ in range(3):
+                taken = [r[0] for r in picked]
+                cur.execute(
+                    _PICK_SQL,
+                    {"project": project.id, "user": annotator.id, "n": need - len(picked), "taken": taken},
+                )
+                picked += cur.fetchall()
+                if len(picked) >= need:
+                    break
+        picked.sort(key=lambda r: (-r[1], r[0]))
         if not picked:
             return held
         ids = [r[0] for r in picked]
         order: dict[int, list[int]] = {}
-        for cid, sid in ComparisonSample.objects.filter(comparison_id__in=ids).order_by(
-            "comparison_id", "position"
-        ).values_list("comparison_id", "sample_id"):
+        for cid, sid in (
+            ComparisonSample.objects.filter(comparison_id__in=ids)
+            .order_by("comparison_id", "position")
+            .values_list("comparison_id", "sample_id")
+        ):
             order.setdefault(cid, []).append(sid)
         expires = now + timedelta(seconds=project.lease_seconds)
         fresh = []
         for cid in ids:
             shown = order[cid][:]
             random.shuffle(shown)  # left/right (or k-wise) order randomised per lease, recorded below
-            fresh.append(Assignment(project=project, comparison_id=cid, annotator=annotator,
-                                    display_order=shown, leased_at=now, expires_at=expires))
+            fresh.append(
+                Assignment(
+                    project=project,
+                    comparison_id=cid,
+                    annotator=annotator,
+                    display_order=shown,
+                    leased_at=now,
+                    expires_at=expires,
+                )
+            )
         Assignment.objects.bulk_create(fresh)
     return held + fresh
 
@@ -484,10 +559,18 @@ def judgment_submit(
             shown = [int(x) for x in a.display_order]
             fields = _outcome_fields(project, canonical, shown, choice, ranking)
             judgment = Judgment.objects.create(
-                project=project, comparison_id=a.comparison_id, annotator=annotator, assignment=a,
-                aspects=_map_aspects(project, canonical, shown, aspects or {}), rationale=rationale,
-                artifacts=_check_artifacts(canonical, artifacts or []), displayed_order=shown,
-                time_spent_ms=time_spent_ms, idempotency_key=idempotency_key, source=source, **fields,
+                project=project,
+                comparison_id=a.comparison_id,
+                annotator=annotator,
+                assignment=a,
+                aspects=_map_aspects(project, canonical, shown, aspects or {}),
+                rationale=rationale,
+                artifacts=_check_artifacts(canonical, artifacts or []),
+                displayed_order=shown,
+                time_spent_ms=time_spent_ms,
+                idempotency_key=idempotency_key,
+                source=source,
+                **fields,
             )
             now = timezone.now()
             Assignment.objects.filter(id=a.id).update(status=Assignment.Status.DONE, finished_at=now)
@@ -510,20 +593,26 @@ def judgment_submit(
 
 def _replay(first: Judgment, assignment_id: int) -> SubmitResult:
     if first.assignment_id is not None and first.assignment_id != assignment_id:
-        raise Conflict("this idempotency key was already used for another lease", code="idempotency_key_reused")
+        raise Conflict(
+            "this idempotency key was already used for another lease", code="idempotency_key_reused"
+        )
     return SubmitResult(first, False)
 
 
 def _canonical_order(comparison_id: int) -> list[int]:
     return list(
-        ComparisonSample.objects.filter(comparison_id=comparison_id).order_by("position").values_list(
-            "sample_id", flat=True
-        )
+        ComparisonSample.objects.filter(comparison_id=comparison_id)
+        .order_by("position")
+        .values_list("sample_id", flat=True)
     )
 
 
 def _outcome_fields(
-    project: Project, canonical: list[int], shown: list[int], choice: str | None, ranking: Sequence[int] | None
+    project: Project,
+    canonical: list[int],
+    shown: list[int],
+    choice: str | None,
+    ranking: Sequence[int] | None,
 ) -> dict[str, Any]:
     if project.mode == Project.Mode.RANKING:
         if ranking is None:
@@ -582,7 +671,8 @@ def _check_artifacts(canonical: list[int], artifacts: Sequence[dict[str, Any]]) 
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise Invalid(f"artifact {i}: 'tags' must be a list of strings")
         if not isinstance(regions, list) or not all(
-            isinstance(r, list) and len(r) == 4 and all(isinstance(v, int | float) for v in r) for r in regions
+            isinstance(r, list) and len(r) == 4 and all(isinstance(v, int | float) for v in r)
+            for r in regions
         ):
             raise Invalid(f"artifact {i}: 'regions' must be a list of [x, y, w, h]")
         out.append({"sample": int(item["sample"]), "tags": tags, "regions": regions})
@@ -604,9 +694,11 @@ def judgment_undo(*, project: Project, annotator: Any, now: datetime | None = No
         if j is None:
             raise NotFound("you have no judgment to undo", code="nothing_to_undo")
         if now - j.created_at > timedelta(seconds=project.undo_seconds):
-            raise Conflict(f"your last judgment is older than {project.undo_seconds} s and can no longer be undone",
-                           code="undo_window_passed")
-        a = Assignment.objects.select_for_update().get(id=j.assignment_id)
+            raise Conflict(
+                f"your last judgment is older than {project.undo_seconds} s and can no longer be undone",
+                code="undo_window_passed",
+            )
+        a = Assignment.objects.select_for_update().get(id=j.assignment_id or 0)
         if a.status != Assignment.Status.DONE:
             raise Conflict("that judgment was already undone", code="nothing_to_undo")
         comparison_id = j.comparison_id

@@ -8,7 +8,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import (
+    FileResponse,
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    StreamingHttpResponse,
+)
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
@@ -76,7 +83,7 @@ def _file_chunks(path: str, start: int, length: int, chunk: int = 256 * 1024) ->
 
 
 @require_GET
-def sample_media(request: HttpRequest, sample_id: int) -> HttpResponse:
+def sample_media(request: HttpRequest, sample_id: int) -> HttpResponseBase:
     """A sample's file for project members. Supports single byte ranges, which browsers need to
     seek in videos. Files are content-addressed, so clients may cache them for long."""
     if not request.user.is_authenticated:
@@ -96,8 +103,12 @@ def sample_media(request: HttpRequest, sample_id: int) -> HttpResponse:
         raise Http404("no such media") from exc
     path = sample.media.path
     size = os.path.getsize(path)
-    headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=31536000, immutable",
-               "X-Content-Type-Options": "nosniff", "Content-Type": sample.mime_type or "application/octet-stream"}
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "private, max-age=31536000, immutable",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Type": sample.mime_type or "application/octet-stream",
+    }
     m = _RANGE.match(request.headers.get("Range", ""))
     if m and (m.group(1) or m.group(2)):
         if m.group(1):
@@ -107,9 +118,9 @@ def sample_media(request: HttpRequest, sample_id: int) -> HttpResponse:
             start = max(size - int(m.group(2)), 0)
             end = size - 1
         if start >= size or start > end:
-            resp = HttpResponse(status=416)
-            resp["Content-Range"] = f"bytes */{size}"
-            return resp
+            refused = HttpResponse(status=416)
+            refused["Content-Range"] = f"bytes */{size}"
+            return refused
         length = end - start + 1
         resp = StreamingHttpResponse(_file_chunks(path, start, length), status=206)
         for k, v in headers.items():

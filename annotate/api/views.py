@@ -50,19 +50,25 @@ class TokenView(APIView):
     def post(self, request: Request) -> Response:
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        user = authenticate(request, username=data.validated_data["username"], password=data.validated_data["password"])
+        user = authenticate(
+            request, username=data.validated_data["username"], password=data.validated_data["password"]
+        )
         if user is None:
-            return Response({"error": {"code": "bad_credentials", "message": "wrong username or password",
-                                       "details": {}}}, status=status.HTTP_400_BAD_REQUEST)
+            return Response(
+                {
+                    "error": {
+                        "code": "bad_credentials",
+                        "message": "wrong username or password",
+                        "details": {},
+                    }
+                },
+                status=status.HTTP_400_BAD_REQUEST,
+            )
         token, _ = Token.objects.get_or_create(user=user)
         return Response({"token": token.key})
 
 
 class ProjectListCreateView(APIView):
-    class AspectSerializer(serializers.Serializer):
-        key = serializers.CharField(max_length=50)
-        label = serializers.CharField(max_length=200, required=False)
-
     class InputSerializer(serializers.Serializer):
         slug = serializers.SlugField(max_length=80)
         name = serializers.CharField(max_length=200)
@@ -92,10 +98,18 @@ class ProjectListCreateView(APIView):
 
 def project_detail(project: Project) -> dict[str, Any]:
     return {
-        "slug": project.slug, "name": project.name, "modality": project.modality,
-        "instructions": project.instructions, "options": {"tie": project.allow_tie, "both_bad": project.allow_both_bad},
-        "aspects": project.aspects, "mode": project.mode, "k": project.k, "overlap": project.overlap,
-        "gold_rate": project.gold_rate, "lease_seconds": project.lease_seconds, "undo_seconds": project.undo_seconds,
+        "slug": project.slug,
+        "name": project.name,
+        "modality": project.modality,
+        "instructions": project.instructions,
+        "options": {"tie": project.allow_tie, "both_bad": project.allow_both_bad},
+        "aspects": project.aspects,
+        "mode": project.mode,
+        "k": project.k,
+        "overlap": project.overlap,
+        "gold_rate": project.gold_rate,
+        "lease_seconds": project.lease_seconds,
+        "undo_seconds": project.undo_seconds,
     }
 
 
@@ -120,15 +134,24 @@ class MemberSetView(APIView):
         user = get_user_model().objects.filter(username=data.validated_data["username"]).first()
         if user is None:
             raise NotFound(f"no user {data.validated_data['username']!r}")
-        m = services.project_member_set(project=project, actor=request.user, user=user,
-                                        role=data.validated_data["role"], paused=data.validated_data["paused"])
+        m = services.project_member_set(
+            project=project,
+            actor=request.user,
+            user=user,
+            role=data.validated_data["role"],
+            paused=data.validated_data["paused"],
+        )
         return Response({"username": user.get_username(), "role": m.role, "paused": m.paused})
 
 
 def _sample_out(result: services.SampleResult) -> dict[str, Any]:
     s = result.sample
-    return {**selectors.sample_payload(s), "prompt": s.prompt_id, "content_hash": s.content_hash,
-            "created": result.created}
+    return {
+        **selectors.sample_payload(s),
+        "prompt": s.prompt_id,
+        "content_hash": s.content_hash,
+        "created": result.created,
+    }
 
 
 class SampleUploadView(APIView):
@@ -148,7 +171,9 @@ class SampleUploadView(APIView):
     def post(self, request: Request, slug: str) -> Response:
         length = int(request.META.get("CONTENT_LENGTH") or 0)
         if length > settings.RL_MAX_UPLOAD_BYTES:
-            raise TooLarge(f"request is {length} bytes; the upload limit is {settings.RL_MAX_UPLOAD_BYTES} bytes")
+            raise TooLarge(
+                f"request is {length} bytes; the upload limit is {settings.RL_MAX_UPLOAD_BYTES} bytes"
+            )
         project = selectors.project_get(slug=slug)
         if "file" in request.FILES:
             return self._media(request, project)
@@ -160,8 +185,10 @@ class SampleUploadView(APIView):
         for i, raw in enumerate(data.validated_data["samples"]):
             item = self.TextSampleSerializer(data=raw)
             if not item.is_valid():
-                raise Invalid(f"sample {i}: " + "; ".join(f"{k}: {v[0]}" for k, v in item.errors.items()),
-                              details={"index": i})
+                raise Invalid(
+                    f"sample {i}: " + "; ".join(f"{k}: {v[0]}" for k, v in item.errors.items()),
+                    details={"index": i},
+                )
             items.append(item.validated_data)
         results = services.sample_create_texts(project=project, actor=request.user, items=items)
         code = status.HTTP_201_CREATED if any(r.created for r in results) else status.HTTP_200_OK
@@ -169,11 +196,12 @@ class SampleUploadView(APIView):
 
     def _media(self, request: Request, project: Project) -> Response:
         upload = request.FILES["file"]
-        prompt = request.data.get("prompt", "")
+        form: Any = request.data  # a QueryDict for multipart bodies
+        prompt = form.get("prompt", "")
         if not isinstance(prompt, str) or not prompt.strip():
             raise Invalid("'prompt' is required")
         metadata: dict[str, Any] = {}
-        raw_meta = request.data.get("metadata")
+        raw_meta = form.get("metadata")
         if raw_meta:
             try:
                 metadata = json.loads(raw_meta)
@@ -182,8 +210,13 @@ class SampleUploadView(APIView):
             if not isinstance(metadata, dict):
                 raise Invalid("'metadata' must be a JSON object")
         result = services.sample_create_media(
-            project=project, actor=request.user, file=upload, filename=upload.name or "upload", prompt=prompt,
-            generator=str(request.data.get("generator", "")), generator_version=str(request.data.get("generator_version", "")),
+            project=project,
+            actor=request.user,
+            file=upload,
+            filename=upload.name or "upload",
+            prompt=prompt,
+            generator=str(form.get("generator", "")),
+            generator_version=str(form.get("generator_version", "")),
             metadata=metadata,
         )
         code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
@@ -215,19 +248,29 @@ class ComparisonCreateView(APIView):
             for i, raw in enumerate(v["comparisons"]):
                 spec = self.SpecSerializer(data=raw)
                 if not spec.is_valid():
-                    raise Invalid(f"comparison {i}: " + "; ".join(f"{k}: {e[0]}" for k, e in spec.errors.items()),
-                                  details={"index": i})
+                    raise Invalid(
+                        f"comparison {i}: " + "; ".join(f"{k}: {e[0]}" for k, e in spec.errors.items()),
+                        details={"index": i},
+                    )
                 specs.append(spec.validated_data)
             created = services.comparisons_create(project=project, actor=request.user, specs=specs)
         else:
             created = services.comparisons_create_random_pairs(
-                project=project, actor=request.user, pairs_per_prompt=v["random_pairs_per_prompt"], seed=v.get("seed"))
-        return Response({"created": len(created), "ids": [c.id for c in created]}, status=status.HTTP_201_CREATED)
+                project=project,
+                actor=request.user,
+                pairs_per_prompt=v["random_pairs_per_prompt"],
+                seed=v.get("seed"),
+            )
+        return Response(
+            {"created": len(created), "ids": [c.id for c in created]}, status=status.HTTP_201_CREATED
+        )
 
 
 class NextView(APIView):
-    @extend_schema(parameters=[OpenApiParameter("n", int, description="leases wanted (1-20)")],
-                   operation_id="next_comparisons")
+    @extend_schema(
+        parameters=[OpenApiParameter("n", int, description="leases wanted (1-20)")],
+        operation_id="next_comparisons",
+    )
     def get(self, request: Request, slug: str) -> Response:
         project = selectors.project_get(slug=slug)
         n = _int_param(request, "n", 1, 1, 20)
@@ -245,11 +288,17 @@ class JudgmentSubmitView(APIView):
         artifacts = serializers.ListField(child=serializers.DictField(), required=False, default=list)
         time_spent_ms = serializers.IntegerField(required=False, default=0, min_value=0, max_value=86_400_000)
         idempotency_key = serializers.CharField(required=False, allow_blank=True, default="", max_length=64)
-        source = serializers.ChoiceField(choices=[Judgment.Source.UI, Judgment.Source.API,
-                                                  Judgment.Source.SIMULATED], required=False, default="ui")
+        source = serializers.ChoiceField(  # type: ignore[assignment]  # a field named like Field.source
+            choices=[Judgment.Source.UI, Judgment.Source.API, Judgment.Source.SIMULATED],
+            required=False,
+            default="ui",
+        )
 
-    @extend_schema(request=InputSerializer, operation_id="judgment_submit",
-                   parameters=[OpenApiParameter("next", int, description="also return my next n leases")])
+    @extend_schema(
+        request=InputSerializer,
+        operation_id="judgment_submit",
+        parameters=[OpenApiParameter("next", int, description="also return my next n leases")],
+    )
     def post(self, request: Request, slug: str) -> Response:
         project = selectors.project_get(slug=slug)
         data = self.InputSerializer(data=request.data)
@@ -257,13 +306,28 @@ class JudgmentSubmitView(APIView):
         v = data.validated_data
         want_next = _int_param(request, "next", 0, 0, 20)
         result = services.judgment_submit(
-            project=project, annotator=request.user, assignment_id=v["assignment"], choice=v.get("choice"),
-            ranking=v.get("ranking"), aspects=v["aspects"], rationale=v["rationale"], artifacts=v["artifacts"],
-            time_spent_ms=v["time_spent_ms"], idempotency_key=v["idempotency_key"], source=v["source"],
+            project=project,
+            annotator=request.user,
+            assignment_id=v["assignment"],
+            choice=v.get("choice"),
+            ranking=v.get("ranking"),
+            aspects=v["aspects"],
+            rationale=v["rationale"],
+            artifacts=v["artifacts"],
+            time_spent_ms=v["time_spent_ms"],
+            idempotency_key=v["idempotency_key"],
+            source=v["source"],
         )
         j = result.judgment
-        body: dict[str, Any] = {"judgment": {"id": j.id, "comparison": j.comparison_id, "outcome": j.outcome,
-                                             "winner": j.winner_id, "created_at": j.created_at.isoformat()}}
+        body: dict[str, Any] = {
+            "judgment": {
+                "id": j.id,
+                "comparison": j.comparison_id,
+                "outcome": j.outcome,
+                "winner": j.winner_id,
+                "created_at": j.created_at.isoformat(),
+            }
+        }
         if want_next:
             leases = services.assignment_next(project=project, annotator=request.user, n=want_next)
             body["next"] = selectors.leases_payload(project=project, leases=leases)
@@ -279,7 +343,9 @@ class SkipView(APIView):
         project = selectors.project_get(slug=slug)
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        a = services.assignment_skip(project=project, annotator=request.user, assignment_id=data.validated_data["assignment"])
+        a = services.assignment_skip(
+            project=project, annotator=request.user, assignment_id=data.validated_data["assignment"]
+        )
         return Response({"assignment": a.id, "status": a.status})
 
 

@@ -46,7 +46,11 @@ def test_create_project_needs_permission(annotator: Any, manager: Any) -> None:
     assert r.status_code == 403
     r = client_for(manager).post(
         "/api/projects/",
-        {"slug": "x", "name": "X", "aspects": [{"key": "alignment"}, {"key": "fidelity", "label": "Fidelity"}]},
+        {
+            "slug": "x",
+            "name": "X",
+            "aspects": [{"key": "alignment"}, {"key": "fidelity", "label": "Fidelity"}],
+        },
         format="json",
     )
     assert r.status_code == 201, r.json()
@@ -106,11 +110,11 @@ def test_upload_image_video_text(manager: Any, make_project: Any) -> None:
     # The media is served to members, with ranges.
     got = c.get(img["url"])
     assert got.status_code == 200
-    assert b"".join(got.streaming_content) == png_bytes()
+    assert got.getvalue() == png_bytes()
     part = c.get(vid["url"], HTTP_RANGE="bytes=0-9")
     assert part.status_code == 206
     assert part["Content-Range"].startswith("bytes 0-9/")
-    assert len(b"".join(part.streaming_content)) == 10
+    assert len(part.getvalue()) == 10
 
 
 def test_bad_uploads_are_refused_and_nothing_is_lost(manager: Any, make_project: Any, settings: Any) -> None:
@@ -131,7 +135,9 @@ def test_bad_uploads_are_refused_and_nothing_is_lost(manager: Any, make_project:
     ]
     for name, data, code, words in cases:
         r = c.post(
-            "/api/projects/bad/samples/", {"file": SimpleUploadedFile(name, data), "prompt": "p"}, format="multipart"
+            "/api/projects/bad/samples/",
+            {"file": SimpleUploadedFile(name, data), "prompt": "p"},
+            format="multipart",
         )
         assert r.status_code == code, (name, r.json())
         assert words in r.json()["error"]["message"], r.json()
@@ -175,7 +181,12 @@ def test_decompression_bomb_refused_from_header() -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + chunk(b"IEND", b"")
+    )
     with pytest.raises(MediaTooLarge, match="pixels"):
         inspect_media(io.BytesIO(data))
 
@@ -185,7 +196,9 @@ def test_comparisons_explicit_and_random(manager: Any, make_project: Any, text_p
     text_pairs(project, n=2)
     c = client_for(manager)
     # A third sample for prompt 0 allows new random pairs for it only.
-    services.sample_create_texts(project=project, actor=manager, items=[{"prompt": "prompt 0", "text": "answer C0"}])
+    services.sample_create_texts(
+        project=project, actor=manager, items=[{"prompt": "prompt 0", "text": "answer C0"}]
+    )
     r = c.post("/api/projects/cmp/comparisons/", {"random_pairs_per_prompt": 5, "seed": 1}, format="json")
     assert r.status_code == 201, r.json()
     assert r.json()["created"] == 2  # (A0, C0) and (B0, C0); (A0, B0) and (A1, B1) exist already
@@ -195,12 +208,18 @@ def test_comparisons_explicit_and_random(manager: Any, make_project: Any, text_p
     ids = list(Sample.objects.filter(project=project).order_by("id").values_list("id", "prompt__text"))
     p0 = [sid for sid, text in ids if text == "prompt 0"]
     p1 = [sid for sid, text in ids if text == "prompt 1"]
-    r = c.post("/api/projects/cmp/comparisons/", {"comparisons": [{"samples": [p0[0], p1[0]]}]}, format="json")
+    r = c.post(
+        "/api/projects/cmp/comparisons/", {"comparisons": [{"samples": [p0[0], p1[0]]}]}, format="json"
+    )
     assert r.status_code == 400
     assert "share one prompt" in r.json()["error"]["message"]
-    r = c.post("/api/projects/cmp/comparisons/", {"comparisons": [{"samples": [p0[0], p0[0]]}]}, format="json")
+    r = c.post(
+        "/api/projects/cmp/comparisons/", {"comparisons": [{"samples": [p0[0], p0[0]]}]}, format="json"
+    )
     assert r.status_code == 400
-    r = c.post("/api/projects/cmp/comparisons/", {"comparisons": [{"samples": [p0[0], 10**9]}]}, format="json")
+    r = c.post(
+        "/api/projects/cmp/comparisons/", {"comparisons": [{"samples": [p0[0], 10**9]}]}, format="json"
+    )
     assert r.status_code == 404
     assert Comparison.objects.filter(project=project).count() == 4
 
@@ -230,9 +249,9 @@ def test_label_cycle_records_display_order(
     assert r.status_code == 201, r.json()
     j = Judgment.objects.get()
     canonical = list(
-        ComparisonSample.objects.filter(comparison_id=first["comparison"]).order_by("position").values_list(
-            "sample_id", flat=True
-        )
+        ComparisonSample.objects.filter(comparison_id=first["comparison"])
+        .order_by("position")
+        .values_list("sample_id", flat=True)
     )
     assert j.displayed_order == shown
     assert j.winner_id == shown[0]
@@ -298,7 +317,9 @@ def test_judging_a_lease_that_is_not_mine(
     assert Assignment.objects.get(id=lease["assignment"]).status == "active"
 
 
-def test_other_projects_are_invisible(make_user: Any, annotator: Any, make_project: Any, text_pairs: Any) -> None:
+def test_other_projects_are_invisible(
+    make_user: Any, annotator: Any, make_project: Any, text_pairs: Any
+) -> None:
     a = make_project("proj-a", annotators=(annotator,))
     b = make_project("proj-b")
     text_pairs(a, n=1)
@@ -308,7 +329,11 @@ def test_other_projects_are_invisible(make_user: Any, annotator: Any, make_proje
     assert c.get("/api/projects/proj-b/progress/").status_code == 404
     lease = c.get("/api/projects/proj-a/next/").json()["items"][0]
     # A lease of project A submitted through project B's URL is not found there.
-    r = c.post("/api/projects/proj-b/judgments/", {"assignment": lease["assignment"], "choice": "left"}, format="json")
+    r = c.post(
+        "/api/projects/proj-b/judgments/",
+        {"assignment": lease["assignment"], "choice": "left"},
+        format="json",
+    )
     assert r.status_code == 404
     media_sample = Sample.objects.filter(project=b).first()
     assert media_sample is not None
@@ -325,7 +350,7 @@ def test_disabled_options_and_bad_choices(annotator: Any, make_project: Any, tex
     text_pairs(project, n=1)
     c = client_for(annotator)
     lease = c.get("/api/projects/opts/next/").json()["items"][0]["assignment"]
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"choice": "tie"}, "does not allow ties"),
         ({"choice": "middle"}, "choice"),
         ({"choice": "left", "aspects": {"color": "left"}}, "unknown aspects"),
@@ -346,7 +371,9 @@ def test_disabled_options_and_bad_choices(annotator: Any, make_project: Any, tex
     assert j.winner_id is None
     shown = j.displayed_order
     canonical = list(
-        ComparisonSample.objects.filter(comparison=j.comparison).order_by("position").values_list("sample_id", flat=True)
+        ComparisonSample.objects.filter(comparison=j.comparison)
+        .order_by("position")
+        .values_list("sample_id", flat=True)
     )
     assert j.aspects == {"alignment": "a" if shown[1] == canonical[0] else "b"}
 
@@ -373,7 +400,9 @@ def test_undo_within_grace_period(annotator: Any, make_project: Any, text_pairs:
     c = client_for(annotator)
     assert c.post("/api/projects/undo/undo/", {}, format="json").status_code == 404
     lease = c.get("/api/projects/undo/next/").json()["items"][0]
-    c.post("/api/projects/undo/judgments/", {"assignment": lease["assignment"], "choice": "left"}, format="json")
+    c.post(
+        "/api/projects/undo/judgments/", {"assignment": lease["assignment"], "choice": "left"}, format="json"
+    )
     r = c.post("/api/projects/undo/undo/", {}, format="json")
     assert r.status_code == 200
     back = r.json()["items"][0]
@@ -382,7 +411,9 @@ def test_undo_within_grace_period(annotator: Any, make_project: Any, text_pairs:
     assert Judgment.objects.count() == 0
     cmp = Comparison.objects.get(id=lease["comparison"])
     assert (cmp.status, cmp.judgments_count, cmp.slots_taken) == ("open", 0, 1)
-    r = c.post("/api/projects/undo/judgments/", {"assignment": lease["assignment"], "choice": "right"}, format="json")
+    r = c.post(
+        "/api/projects/undo/judgments/", {"assignment": lease["assignment"], "choice": "right"}, format="json"
+    )
     assert r.status_code == 201
     Judgment.objects.update(created_at=timezone.now() - timedelta(seconds=31))
     r = c.post("/api/projects/undo/undo/", {}, format="json")
@@ -405,17 +436,23 @@ def test_overlap_and_lease_expiry(make_user: Any, make_project: Any, text_pairs:
     assert [i["comparison"] for i in third] == [cid]
     # The expired lease cannot be judged; the annotator is never served it again.
     r = client_for(users[0]).post(
-        "/api/projects/overlap/judgments/", {"assignment": got[0][0]["assignment"], "choice": "left"}, format="json"
+        "/api/projects/overlap/judgments/",
+        {"assignment": got[0][0]["assignment"], "choice": "left"},
+        format="json",
     )
     assert r.status_code == 409
     assert client_for(users[0]).get("/api/projects/overlap/next/").json()["items"] == []
 
 
-def test_paused_annotator_gets_no_new_work(manager: Any, annotator: Any, make_project: Any, text_pairs: Any) -> None:
+def test_paused_annotator_gets_no_new_work(
+    manager: Any, annotator: Any, make_project: Any, text_pairs: Any
+) -> None:
     project = make_project("pause", annotators=(annotator,))
     text_pairs(project, n=1)
     r = client_for(manager).post(
-        "/api/projects/pause/members/", {"username": "annotator", "role": "annotator", "paused": True}, format="json"
+        "/api/projects/pause/members/",
+        {"username": "annotator", "role": "annotator", "paused": True},
+        format="json",
     )
     assert r.status_code == 200
     assert client_for(annotator).get("/api/projects/pause/next/").json()["items"] == []
@@ -435,10 +472,16 @@ def test_ranking_project(manager: Any, annotator: Any, make_project: Any) -> Non
     c = client_for(annotator)
     lease = c.get("/api/projects/rank/next/").json()["items"][0]
     assert len(lease["samples"]) == 3
-    bad = c.post("/api/projects/rank/judgments/", {"assignment": lease["assignment"], "ranking": ids[:2]}, format="json")
+    bad = c.post(
+        "/api/projects/rank/judgments/",
+        {"assignment": lease["assignment"], "ranking": ids[:2]},
+        format="json",
+    )
     assert bad.status_code == 400
     order = [ids[2], ids[0], ids[1]]
-    r = c.post("/api/projects/rank/judgments/", {"assignment": lease["assignment"], "ranking": order}, format="json")
+    r = c.post(
+        "/api/projects/rank/judgments/", {"assignment": lease["assignment"], "ranking": order}, format="json"
+    )
     assert r.status_code == 201
     j = Judgment.objects.get()
     assert (j.outcome, j.ranking, j.winner_id) == ("ranking", order, ids[2])

@@ -56,8 +56,12 @@ class Command(BaseCommand):
             return
         if project is None:
             project = services.project_create(
-                creator=user, slug=opts["slug"], name="Demo: images, videos and texts", instructions=INSTRUCTIONS,
-                aspects=[], overlap=1,
+                creator=user,
+                slug=opts["slug"],
+                name="Demo: images, videos and texts",
+                instructions=INSTRUCTIONS,
+                aspects=[],
+                overlap=1,
             )
         ProjectMember.objects.get_or_create(project=project, user=user, defaults={"role": "manager"})
         jobs = [(m, p) for m in ("image", "video", "text") for p in demo_media.DEMO_PROMPTS[m]]
@@ -68,9 +72,19 @@ class Command(BaseCommand):
                     meta = {"style": style, "seed": s}
                     if modality == "text":
                         text = demo_media.compose_text(prompt, seed=s, style=style)
-                        services.sample_create_texts(project=project, actor=user, items=[{
-                            "prompt": prompt, "text": text, "generator": gen, "generator_version": version,
-                            "metadata": meta}])
+                        services.sample_create_texts(
+                            project=project,
+                            actor=user,
+                            items=[
+                                {
+                                    "prompt": prompt,
+                                    "text": text,
+                                    "generator": gen,
+                                    "generator_version": version,
+                                    "metadata": meta,
+                                }
+                            ],
+                        )
                         continue
                     if modality == "image":
                         data = demo_media.draw_image(prompt, seed=s, size=384, style=style)
@@ -78,11 +92,22 @@ class Command(BaseCommand):
                     else:
                         data = demo_media.render_clip(prompt, seed=s, style=style)
                         name = "clip.mp4"
-                    services.sample_create_media(project=project, actor=user, file=io.BytesIO(data), filename=name,
-                                                 prompt=prompt, generator=gen, generator_version=version,
-                                                 metadata=meta)
-        created_cmp = services.comparisons_create_random_pairs(project=project, actor=user, pairs_per_prompt=3,
-                                                               seed=0)
-        self.stdout.write(self.style.SUCCESS(
-            f"seeded project {project.slug!r}: {project.samples.count()} samples, {len(created_cmp)} comparisons"
-        ))
+                    services.sample_create_media(
+                        project=project,
+                        actor=user,
+                        file=io.BytesIO(data),
+                        filename=name,
+                        prompt=prompt,
+                        generator=gen,
+                        generator_version=version,
+                        metadata=meta,
+                    )
+        created_cmp = services.comparisons_create_random_pairs(
+            project=project, actor=user, pairs_per_prompt=3, seed=0
+        )
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"seeded project {project.slug!r}: {project.samples.count()} samples, "
+                f"{len(created_cmp)} comparisons"
+            )
+        )

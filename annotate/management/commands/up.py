@@ -36,8 +36,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default=os.environ.get("RL_HOST", "127.0.0.1"))
         parser.add_argument("--port", type=int, default=int(os.environ.get("RL_PORT", "8000")))
-        parser.add_argument("--workers", type=int, default=int(os.environ.get("RL_WEB_WORKERS", "0")),
-                            help="gunicorn workers (default: 2 x cores + 1)")
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=int(os.environ.get("RL_WEB_WORKERS", "0")),
+            help="gunicorn workers (default: 2 x cores + 1)",
+        )
         parser.add_argument("--no-worker", action="store_true", help="do not start Celery worker and beat")
         parser.add_argument("--seed-demo", action="store_true", help="seed the demo project first")
 
@@ -80,29 +84,75 @@ class Command(BaseCommand):
         self.stopping = True
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        proc = subprocess.Popen(argv, cwd=settings.BASE_DIR, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        proc = subprocess.Popen(argv, cwd=settings.BASE_DIR, preexec_fn=_die_with_parent)
         self.children.append((name, proc))
 
     def _start(self, opts: dict[str, Any]) -> None:
         py = sys.executable
         workers = opts["workers"] or (2 * (os.cpu_count() or 1) + 1)
-        self._spawn("web", [
-            py, "-m", "gunicorn", "config.wsgi:application",
-            "--bind", f"{opts['host']}:{opts['port']}",
-            "--workers", str(workers),
-            "--worker-class", "sync",
-            "--keep-alive", "30",
-            "--max-requests", "20000", "--max-requests-jitter", "2000",
-            "--graceful-timeout", "10",
-            "--timeout", "120",
-            "--access-logfile", "-" if os.environ.get("RL_ACCESS_LOG") else "/dev/null",
-        ])
+        self._spawn(
+            "web",
+            [
+                py,
+                "-m",
+                "gunicorn",
+                "config.wsgi:application",
+                "--bind",
+                f"{opts['host']}:{opts['port']}",
+                "--workers",
+                str(workers),
+                "--worker-class",
+                "sync",
+                "--keep-alive",
+                "30",
+                "--max-requests",
+                "20000",
+                "--max-requests-jitter",
+                "2000",
+                "--graceful-timeout",
+                "10",
+                "--timeout",
+                "120",
+                "--access-logfile",
+                "-" if os.environ.get("RL_ACCESS_LOG") else "/dev/null",
+            ],
+        )
         if not opts["no_worker"]:
-            self._spawn("worker", [py, "-m", "celery", "-A", "config", "worker", "-Q", "default,gpu",
-                                   "--concurrency", os.environ.get("RL_WORKER_CONCURRENCY", "2"),
-                                   "--loglevel", "WARNING", "-n", "embedded@%h"])
-            self._spawn("beat", [py, "-m", "celery", "-A", "config", "beat", "--loglevel", "WARNING",
-                                 "--pidfile=", "-S", "django_celery_beat.schedulers:DatabaseScheduler"])
+            self._spawn(
+                "worker",
+                [
+                    py,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "config",
+                    "worker",
+                    "-Q",
+                    "default,gpu",
+                    "--concurrency",
+                    os.environ.get("RL_WORKER_CONCURRENCY", "2"),
+                    "--loglevel",
+                    "WARNING",
+                    "-n",
+                    "embedded@%h",
+                ],
+            )
+            self._spawn(
+                "beat",
+                [
+                    py,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "config",
+                    "beat",
+                    "--loglevel",
+                    "WARNING",
+                    "--pidfile=",
+                    "-S",
+                    "django_celery_beat.schedulers:DatabaseScheduler",
+                ],
+            )
 
     def _supervise(self) -> int:
         while not self.stopping:
