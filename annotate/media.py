@@ -38,16 +38,28 @@ class MediaInfo:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-_IMAGE_FORMATS = {"PNG": ("image/png", "png"), "JPEG": ("image/jpeg", "jpg"), "WEBP": ("image/webp", "webp"),
-                  "GIF": ("image/gif", "gif")}
+_IMAGE_FORMATS = {
+    "PNG": ("image/png", "png"),
+    "JPEG": ("image/jpeg", "jpg"),
+    "WEBP": ("image/webp", "webp"),
+    "GIF": ("image/gif", "gif"),
+}
 # Container names PyAV reports, mapped to what browsers play.
-_VIDEO_FORMATS = {"mp4": ("video/mp4", "mp4"), "mov": ("video/mp4", "mp4"), "webm": ("video/webm", "webm"),
-                  "matroska": ("video/webm", "webm")}
+_VIDEO_FORMATS = {
+    "mp4": ("video/mp4", "mp4"),
+    "mov": ("video/mp4", "mp4"),
+    "webm": ("video/webm", "webm"),
+    "matroska": ("video/webm", "webm"),
+}
 
 
 def sniff_modality(head: bytes) -> str | None:
     """Guess image/video from magic bytes; None when neither."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n") or head.startswith(b"\xff\xd8\xff") or head[:6] in (b"GIF87a", b"GIF89a"):
+    if (
+        head.startswith(b"\x89PNG\r\n\x1a\n")
+        or head.startswith(b"\xff\xd8\xff")
+        or head[:6] in (b"GIF87a", b"GIF89a")
+    ):
         return "image"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image"
@@ -98,12 +110,24 @@ def inspect_image(fh: IO[bytes], *, max_bytes: int | None = None, max_pixels: in
         raise MediaError(f"image data is corrupt or truncated ({exc.__class__.__name__})") from exc
     fh.seek(0)
     mime, ext = _IMAGE_FORMATS[fmt]
-    return MediaInfo(modality="image", mime_type=mime, extension=ext, content_hash=digest, byte_size=size,
-                     width=width, height=height)
+    return MediaInfo(
+        modality="image",
+        mime_type=mime,
+        extension=ext,
+        content_hash=digest,
+        byte_size=size,
+        width=width,
+        height=height,
+    )
 
 
-def inspect_video(fh: IO[bytes], *, max_bytes: int | None = None, max_seconds: int | None = None,
-                  max_pixels: int | None = None) -> MediaInfo:
+def inspect_video(
+    fh: IO[bytes],
+    *,
+    max_bytes: int | None = None,
+    max_seconds: int | None = None,
+    max_pixels: int | None = None,
+) -> MediaInfo:
     import av
 
     max_bytes = max_bytes or settings.RL_MAX_VIDEO_BYTES
@@ -145,7 +169,9 @@ def inspect_video(fh: IO[bytes], *, max_bytes: int | None = None, max_seconds: i
     fh.seek(0)
     fmt = next((f for f in ("mp4", "mov", "webm", "matroska") if f in fmt_names), None)
     if fmt is None:
-        raise MediaError(f"unsupported video container {sorted(fmt_names)}; use MP4 (H.264) or WebM (VP8/VP9)")
+        raise MediaError(
+            f"unsupported video container {sorted(fmt_names)}; use MP4 (H.264) or WebM (VP8/VP9)"
+        )
     if codec not in {"h264", "vp8", "vp9", "av1"}:
         raise MediaError(f"unsupported video codec {codec}; browsers play H.264, VP8, VP9 or AV1")
     mime, ext = _VIDEO_FORMATS[fmt]
@@ -153,9 +179,19 @@ def inspect_video(fh: IO[bytes], *, max_bytes: int | None = None, max_seconds: i
         mime, ext = "video/mp4", "mkv"
     if duration is None and fps:
         duration = frames / fps
-    return MediaInfo(modality="video", mime_type=mime, extension=ext, content_hash=digest, byte_size=size,
-                     width=width, height=height, duration=duration, frames=frames, fps=fps,
-                     extra={"codec": codec})
+    return MediaInfo(
+        modality="video",
+        mime_type=mime,
+        extension=ext,
+        content_hash=digest,
+        byte_size=size,
+        width=width,
+        height=height,
+        duration=duration,
+        frames=frames,
+        fps=fps,
+        extra={"codec": codec},
+    )
 
 
 def inspect_media(fh: IO[bytes]) -> MediaInfo:
@@ -179,8 +215,13 @@ def inspect_text(text: str) -> MediaInfo:
     if "\x00" in text:
         raise MediaError("text contains NUL characters")
     data = text.encode("utf-8")
-    return MediaInfo(modality="text", mime_type="text/markdown", extension="md",
-                     content_hash=hashlib.sha256(data).hexdigest(), byte_size=len(data))
+    return MediaInfo(
+        modality="text",
+        mime_type="text/markdown",
+        extension="md",
+        content_hash=hashlib.sha256(data).hexdigest(),
+        byte_size=len(data),
+    )
 
 
 def open_bytes(data: bytes) -> IO[bytes]:

@@ -276,6 +276,9 @@ class Assignment(models.Model):
             ),
         ]
 
+    def __str__(self) -> str:
+        return f"lease {self.pk} of comparison {self.comparison_id} ({self.status})"
+
 
 class Judgment(models.Model):
     class Outcome(models.TextChoices):

@@ -20,7 +20,10 @@ def project_get(*, slug: str) -> Project:
 
 
 def member_role_require(
-    *, project: Project, user: Any, roles: Sequence[str] = (ProjectMember.Role.MANAGER, ProjectMember.Role.ANNOTATOR)
+    *,
+    project: Project,
+    user: Any,
+    roles: Sequence[str] = (ProjectMember.Role.MANAGER, ProjectMember.Role.ANNOTATOR),
 ) -> ProjectMember:
     """The user's membership, if their role is one of ``roles``. Staff act as managers.
 
@@ -43,8 +46,13 @@ def project_for_member(*, slug: str, user: Any) -> tuple[Project, ProjectMember]
 def projects_of_user(*, user: Any) -> list[dict[str, Any]]:
     rows = ProjectMember.objects.filter(user=user).select_related("project").order_by("project__name")
     return [
-        {"slug": m.project.slug, "name": m.project.name, "role": m.role, "modality": m.project.modality,
-         "mode": m.project.mode}
+        {
+            "slug": m.project.slug,
+            "name": m.project.name,
+            "role": m.role,
+            "modality": m.project.modality,
+            "mode": m.project.mode,
+        }
         for m in rows
     ]
 
@@ -107,14 +115,24 @@ def annotator_progress(*, project: Project, annotator: Any) -> dict[str, Any]:
     )
     judgments = Judgment.objects.filter(project=project).count()
     available = (
-        Comparison.objects.filter(project=project, status=Comparison.Status.OPEN, slots_taken__lt=F("overlap"))
+        Comparison.objects.filter(
+            project=project, status=Comparison.Status.OPEN, slots_taken__lt=F("overlap")
+        )
         .exclude(assignments__annotator=annotator)
         .count()
     )
     return {
-        "me": {"judged": judged, "skipped": mine["skipped"], "active_leases": mine["active"],
-               "available": available},
-        "project": {"comparisons": totals["comparisons"], "complete": totals["complete"], "judgments": judgments},
+        "me": {
+            "judged": judged,
+            "skipped": mine["skipped"],
+            "active_leases": mine["active"],
+            "available": available,
+        },
+        "project": {
+            "comparisons": totals["comparisons"],
+            "complete": totals["complete"],
+            "judgments": judgments,
+        },
     }
 
 

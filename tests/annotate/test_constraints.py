@@ -25,7 +25,7 @@ def _texts(project: Any, manager: Any, prompt: str, n: int) -> list[Sample]:
 
 def test_comparison_samples_must_share_the_prompt(manager: Any, make_project: Any) -> None:
     project = make_project("db1")
-    a, b = _texts(project, manager, "first", 2)
+    a, _b = _texts(project, manager, "first", 2)
     (c,) = _texts(project, manager, "second", 1)
     cmp = Comparison.objects.create(project=project, prompt=a.prompt)
     with pytest.raises(IntegrityError), transaction.atomic():
