@@ -8,6 +8,7 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
+from django.db.models.functions import Random
 from tqdm import tqdm
 
 from annotate import demo_media, services
@@ -105,6 +106,8 @@ class Command(BaseCommand):
         created_cmp = services.comparisons_create_random_pairs(
             project=project, actor=user, pairs_per_prompt=3, seed=0
         )
+        # Interleave modalities in the queue so the first minutes of the demo show all three.
+        Comparison.objects.filter(project=project).update(priority=Random())
         self.stdout.write(
             self.style.SUCCESS(
                 f"seeded project {project.slug!r}: {project.samples.count()} samples, "
