@@ -59,6 +59,7 @@ def test_twenty_annotators_at_once(make_user: Any, make_project: Any, text_pairs
     for c in Comparison.objects.filter(project=project):
         assert c.slots_taken == per_comparison.get(c.id, 0)
 
+
 def test_one_annotator_twenty_tabs(annotator: Any, make_project: Any, text_pairs: Any) -> None:
     project = make_project("tabs", annotators=(annotator,))
     text_pairs(project, n=30)
