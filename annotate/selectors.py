@@ -83,14 +83,18 @@ def leases_payload(*, project: Project, leases: Iterable[Assignment]) -> dict[st
     sample_ids = {int(sid) for a in leases for sid in a.display_order}
     comparison_ids = {a.comparison_id for a in leases}
     samples = {s.id: s for s in Sample.objects.filter(id__in=sample_ids).defer("metadata")}
-    prompts = dict(Comparison.objects.filter(id__in=comparison_ids).values_list("id", "prompt__text"))
-    prompt_ids = dict(Comparison.objects.filter(id__in=comparison_ids).values_list("id", "prompt_id"))
+    prompts = {
+        cid: {"id": pid, "text": text}
+        for cid, pid, text in Comparison.objects.filter(id__in=comparison_ids).values_list(
+            "id", "prompt_id", "prompt__text"
+        )
+    }
     items = [
         {
             "assignment": a.id,
             "comparison": a.comparison_id,
             "expires_at": a.expires_at.isoformat(),
-            "prompt": {"id": prompt_ids[a.comparison_id], "text": prompts[a.comparison_id]},
+            "prompt": prompts[a.comparison_id],
             "samples": [sample_payload(samples[int(sid)]) for sid in a.display_order],
         }
         for a in leases
