@@ -39,6 +39,10 @@ def member_role_require(
 
 
 def project_for_member(*, slug: str, user: Any) -> tuple[Project, ProjectMember]:
+    """The project and the caller's membership in one query (the labeling hot path)."""
+    member = ProjectMember.objects.select_related("project").filter(project__slug=slug, user=user).first()
+    if member is not None:
+        return member.project, member
     project = project_get(slug=slug)
     return project, member_role_require(project=project, user=user)
 
@@ -57,48 +61,50 @@ def projects_of_user(*, user: Any) -> list[dict[str, Any]]:
     ]
 
 
-def sample_media_url(sample: Sample) -> str | None:
-    if sample.modality == "text":
-        return None
-    return f"/media/samples/{sample.id}?v={sample.content_hash[:12]}"
-
-
 def sample_payload(sample: Sample) -> dict[str, Any]:
+    return _sample_dict({f: getattr(sample, f) for f in _SAMPLE_FIELDS})
+
+
+_SAMPLE_FIELDS = ("id", "modality", "text", "mime_type", "width", "height", "duration", "fps", "content_hash")
+
+
+def _sample_dict(row: dict[str, Any]) -> dict[str, Any]:
+    media = row["modality"] != "text"
     return {
-        "id": sample.id,
-        "modality": sample.modality,
-        "url": sample_media_url(sample),
-        "text": sample.text if sample.modality == "text" else None,
-        "mime_type": sample.mime_type,
-        "width": sample.width,
-        "height": sample.height,
-        "duration": sample.duration,
-        "fps": sample.fps,
+        "id": row["id"],
+        "modality": row["modality"],
+        "url": f"/media/samples/{row['id']}?v={row['content_hash'][:12]}" if media else None,
+        "text": None if media else row["text"],
+        "mime_type": row["mime_type"],
+        "width": row["width"],
+        "height": row["height"],
+        "duration": row["duration"],
+        "fps": row["fps"],
     }
 
 
 def leases_payload(*, project: Project, leases: Iterable[Assignment]) -> dict[str, Any]:
-    """What the labeling page needs to show a list of leases, samples in displayed order."""
+    """What the labeling page needs to show a list of leases, samples in displayed order.
+
+    One query: a comparison's prompt is its samples' prompt (the database guarantees it)."""
     leases = list(leases)
     sample_ids = {int(sid) for a in leases for sid in a.display_order}
-    comparison_ids = {a.comparison_id for a in leases}
-    samples = {s.id: s for s in Sample.objects.filter(id__in=sample_ids).defer("metadata")}
-    prompts = {
-        cid: {"id": pid, "text": text}
-        for cid, pid, text in Comparison.objects.filter(id__in=comparison_ids).values_list(
-            "id", "prompt_id", "prompt__text"
-        )
+    rows = {
+        r["id"]: r
+        for r in Sample.objects.filter(id__in=sample_ids).values(*_SAMPLE_FIELDS, "prompt_id", "prompt__text")
     }
-    items = [
-        {
-            "assignment": a.id,
-            "comparison": a.comparison_id,
-            "expires_at": a.expires_at.isoformat(),
-            "prompt": prompts[a.comparison_id],
-            "samples": [sample_payload(samples[int(sid)]) for sid in a.display_order],
-        }
-        for a in leases
-    ]
+    items = []
+    for a in leases:
+        first = rows[int(a.display_order[0])]
+        items.append(
+            {
+                "assignment": a.id,
+                "comparison": a.comparison_id,
+                "expires_at": a.expires_at.isoformat(),
+                "prompt": {"id": first["prompt_id"], "text": first["prompt__text"]},
+                "samples": [_sample_dict(rows[int(sid)]) for sid in a.display_order],
+            }
+        )
     return {
         "items": items,
         "options": {"tie": project.allow_tie, "both_bad": project.allow_both_bad},

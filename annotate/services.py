@@ -7,6 +7,7 @@ user, and leaves the database unchanged when it raises.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,6 +122,13 @@ def project_member_set(
         project=project, user=user, defaults={"role": role, "paused": paused}
     )
     return member
+
+
+def _require_member(*, project: Project, user: Any, member: ProjectMember | None) -> ProjectMember:
+    """The caller's membership; reuses one the view already loaded for this project and user."""
+    if member is not None and member.project_id == project.id and member.user_id == user.id:
+        return member
+    return member_role_require(project=project, user=user)
 
 
 # --- Prompts, generators, samples ----------------------------------------------------------------
@@ -380,9 +388,22 @@ def comparisons_create_random_pairs(
 
 
 # --- Assignment: handing out work ----------------------------------------------------------------
+# The caller's leases. Run after taking the advisory lock in its own statement: a statement's
+# snapshot predates any lock it waits for inside itself.
+_HELD_SQL = """
+SELECT a.id, a.comparison_id, a.display_order, a.leased_at, a.expires_at
+FROM annotate_assignment a
+WHERE a.project_id = %(project)s AND a.annotator_id = %(user)s AND a.status = 'active'
+  AND a.expires_at > %(now)s
+ORDER BY a.leased_at, a.id
+LIMIT %(n)s
+"""
+
+# Pick open comparisons, take a slot of each and lease them, in one statement. The display order
+# is shuffled per lease (left/right randomised) and stored with it.
 _PICK_SQL = """
 WITH picked AS (
-    SELECT c.id FROM annotate_comparison c
+    SELECT c.id, c.priority FROM annotate_comparison c
     WHERE c.project_id = %(project)s AND c.status = 'open' AND c.slots_taken < c.overlap
       AND c.id <> ALL(%(taken)s)
       AND NOT EXISTS (
@@ -390,76 +411,91 @@ WITH picked AS (
     ORDER BY c.priority DESC, c.id
     LIMIT %(n)s
     FOR UPDATE OF c SKIP LOCKED
+), bumped AS (
+    UPDATE annotate_comparison c SET slots_taken = c.slots_taken + 1
+    FROM picked WHERE c.id = picked.id
+    RETURNING c.id, c.priority
 )
-UPDATE annotate_comparison c SET slots_taken = c.slots_taken + 1
-FROM picked WHERE c.id = picked.id
-RETURNING c.id, c.priority
+INSERT INTO annotate_assignment
+    (project_id, comparison_id, annotator_id, status, display_order, leased_at, expires_at)
+SELECT %(project)s, b.id, %(user)s, 'active',
+    (SELECT jsonb_agg(cs.sample_id ORDER BY random()) FROM annotate_comparisonsample cs
+      WHERE cs.comparison_id = b.id),
+    %(now)s, %(expires)s
+FROM bumped b
+ORDER BY b.priority DESC, b.id
+RETURNING id, comparison_id, display_order
 """
 
 
+def _json(value: Any) -> Any:
+    # Django's psycopg setup hands raw-cursor jsonb back as text.
+    return json.loads(value) if isinstance(value, str) else value
+
+
 def assignment_next(
-    *, project: Project, annotator: Any, n: int = 1, now: datetime | None = None
+    *,
+    project: Project,
+    annotator: Any,
+    n: int = 1,
+    now: datetime | None = None,
+    member: ProjectMember | None = None,
 ) -> list[Assignment]:
     """Return up to ``n`` leases for ``annotator``: their unexpired active leases first, then new
     ones. Concurrent callers never get the same slot (row locks with SKIP LOCKED), and nobody
-    is ever handed a comparison they were handed before."""
+    is ever handed a comparison they were handed before. Parallel calls of one annotator (say,
+    two browser tabs) are serialised by an advisory lock, so they agree on the leases held."""
     if not 1 <= n <= 20:
         raise Invalid("n must be between 1 and 20")
-    member = member_role_require(project=project, user=annotator)
+    member = _require_member(project=project, user=annotator, member=member)
     now = now or timezone.now()
-    with transaction.atomic():
-        with connection.cursor() as cur:
-            # One `next` at a time per annotator and project: parallel prefetches then agree on
-            # which leases the annotator holds instead of each grabbing new ones.
-            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [project.id % 2**31, annotator.id % 2**31])
-        held = list(
-            Assignment.objects.filter(
-                project=project, annotator=annotator, status=Assignment.Status.ACTIVE, expires_at__gt=now
-            ).order_by("leased_at", "id")[:n]
+    expires = now + timedelta(seconds=project.lease_seconds)
+
+    def lease(row: tuple[Any, ...], leased_at: datetime, expires_at: datetime) -> Assignment:
+        return Assignment(
+            id=row[0],
+            project=project,
+            comparison_id=row[1],
+            annotator=annotator,
+            status=Assignment.Status.ACTIVE,
+            display_order=_json(row[2]),
+            leased_at=leased_at,
+            expires_at=expires_at,
         )
-        need = n - len(held)
-        if need <= 0 or member.paused:
+
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [project.id % 2**31, annotator.id % 2**31])
+        cur.execute(
+            _HELD_SQL,
+            {
+                "project": project.id,
+                "user": annotator.id,
+                "now": now,
+                "n": n,
+            },
+        )
+        held = [lease(r, r[3], r[4]) for r in cur.fetchall()]
+        if len(held) >= n or member.paused:
             return held
-        picked: list[tuple[int, float]] = []
-        with connection.cursor() as cur:
-            # SKIP LOCKED passes over rows other annotators are taking right now; a second look
-            # (a fresh snapshot) finds the slots they left free once they commit.
-            for _ in range(3):
-                taken = [r[0] for r in picked]
-                cur.execute(
-                    _PICK_SQL,
-                    {"project": project.id, "user": annotator.id, "n": need - len(picked), "taken": taken},
-                )
-                picked += cur.fetchall()
-                if len(picked) >= need:
-                    break
-        picked.sort(key=lambda r: (-r[1], r[0]))
-        if not picked:
-            return held
-        ids = [r[0] for r in picked]
-        order: dict[int, list[int]] = {}
-        for cid, sid in (
-            ComparisonSample.objects.filter(comparison_id__in=ids)
-            .order_by("comparison_id", "position")
-            .values_list("comparison_id", "sample_id")
-        ):
-            order.setdefault(cid, []).append(sid)
-        expires = now + timedelta(seconds=project.lease_seconds)
-        fresh = []
-        for cid in ids:
-            shown = order[cid][:]
-            random.shuffle(shown)  # left/right (or k-wise) order randomised per lease, recorded below
-            fresh.append(
-                Assignment(
-                    project=project,
-                    comparison_id=cid,
-                    annotator=annotator,
-                    display_order=shown,
-                    leased_at=now,
-                    expires_at=expires,
-                )
+        fresh: list[Assignment] = []
+        # SKIP LOCKED passes over rows other annotators are taking right now; a second look
+        # (a fresh snapshot) finds the slots they left free once they commit.
+        for _ in range(3):
+            cur.execute(
+                _PICK_SQL,
+                {
+                    "project": project.id,
+                    "user": annotator.id,
+                    "n": n - len(held) - len(fresh),
+                    "taken": [a.comparison_id for a in fresh],
+                    "now": now,
+                    "expires": expires,
+                },
             )
-        Assignment.objects.bulk_create(fresh)
+            fresh += [lease(r, now, expires) for r in cur.fetchall()]
+            if len(held) + len(fresh) >= n:
+                break
+    fresh.sort(key=lambda a: a.id or 0)
     return held + fresh
 
 
@@ -519,6 +555,35 @@ class SubmitResult:
     created: bool
 
 
+_LEASE_SQL = """
+SELECT a.annotator_id, a.status, a.display_order, a.comparison_id,
+       (SELECT array_agg(cs.sample_id ORDER BY cs.position) FROM annotate_comparisonsample cs
+         WHERE cs.comparison_id = a.comparison_id)
+FROM annotate_assignment a WHERE a.id = %s AND a.project_id = %s
+FOR UPDATE OF a
+"""
+
+# One round trip for the three writes of a judgment; the hot path of labeling.
+_RECORD_SQL = """
+WITH j AS (
+    INSERT INTO annotate_judgment (project_id, comparison_id, annotator_id, assignment_id, outcome,
+        winner_id, ranking, aspects, rationale, artifacts, displayed_order, time_spent_ms, idempotency_key,
+        source, created_at)
+    VALUES (%(project)s, %(comparison)s, %(annotator)s, %(assignment)s, %(outcome)s, %(winner)s,
+        %(ranking)s, %(aspects)s, %(rationale)s, %(artifacts)s, %(displayed)s, %(time_spent)s, %(key)s,
+        %(source)s, %(now)s)
+    RETURNING id
+), a AS (
+    UPDATE annotate_assignment SET status = 'done', finished_at = %(now)s WHERE id = %(assignment)s
+), c AS (
+    UPDATE annotate_comparison SET judgments_count = judgments_count + 1,
+        status = CASE WHEN judgments_count + 1 >= overlap AND status = 'open' THEN 'complete' ELSE status END
+    WHERE id = %(comparison)s
+)
+SELECT id FROM j
+"""
+
+
 def judgment_submit(
     *,
     project: Project,
@@ -532,37 +597,43 @@ def judgment_submit(
     time_spent_ms: int = 0,
     idempotency_key: str = "",
     source: str = Judgment.Source.UI,
+    member: ProjectMember | None = None,
 ) -> SubmitResult:
     """Record a judgment on a lease the annotator holds.
 
-    A repeated ``idempotency_key`` returns the first judgment and writes nothing."""
-    member_role_require(project=project, user=annotator)
-    if idempotency_key:
-        first = Judgment.objects.filter(annotator=annotator, idempotency_key=idempotency_key).first()
-        if first is not None:
-            return _replay(first, assignment_id)
+    A repeated ``idempotency_key`` returns the first judgment and writes nothing. ``member`` is
+    the caller's membership when the view already loaded it (saves a query)."""
+    _require_member(project=project, user=annotator, member=member)
     if not 0 <= time_spent_ms <= 86_400_000:
         raise Invalid("time_spent_ms must be between 0 and 86400000")
     if len(rationale) > 10_000:
         raise Invalid("rationale is longer than 10000 characters")
     try:
-        with transaction.atomic():
-            a = _lease_for_update(project=project, annotator=annotator, assignment_id=assignment_id)
-            if a.status == Assignment.Status.DONE:
-                prior = Judgment.objects.filter(assignment=a).first()
+        with transaction.atomic(), connection.cursor() as cur:
+            cur.execute(_LEASE_SQL, [assignment_id, project.id])
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(f"no lease {assignment_id} in project {project.slug}")
+            holder, status, display_order, comparison_id, canonical = row
+            if holder != annotator.id:
+                raise Forbidden("this comparison is not leased to you", code="not_your_lease")
+            if status == Assignment.Status.DONE:
+                prior = Judgment.objects.filter(assignment_id=assignment_id).first()
                 if prior is not None and idempotency_key and prior.idempotency_key == idempotency_key:
                     return SubmitResult(prior, False)
                 raise Conflict("you already judged this comparison", code="already_judged")
-            if a.status != Assignment.Status.ACTIVE:
-                raise Conflict(f"this lease was {a.status}; fetch a new comparison", code="lease_released")
-            canonical = _canonical_order(a.comparison_id)
-            shown = [int(x) for x in a.display_order]
+            if status != Assignment.Status.ACTIVE:
+                raise Conflict(f"this lease was {status}; fetch a new comparison", code="lease_released")
+            # Django's psycopg setup hands raw-cursor jsonb back as text.
+            if isinstance(display_order, str):
+                display_order = json.loads(display_order)
+            shown = [int(x) for x in display_order]
             fields = _outcome_fields(project, canonical, shown, choice, ranking)
-            judgment = Judgment.objects.create(
+            judgment = Judgment(
                 project=project,
-                comparison_id=a.comparison_id,
+                comparison_id=comparison_id,
                 annotator=annotator,
-                assignment=a,
+                assignment_id=assignment_id,
                 aspects=_map_aspects(project, canonical, shown, aspects or {}),
                 rationale=rationale,
                 artifacts=_check_artifacts(canonical, artifacts or []),
@@ -570,19 +641,34 @@ def judgment_submit(
                 time_spent_ms=time_spent_ms,
                 idempotency_key=idempotency_key,
                 source=source,
+                created_at=timezone.now(),
                 **fields,
             )
-            now = timezone.now()
-            Assignment.objects.filter(id=a.id).update(status=Assignment.Status.DONE, finished_at=now)
-            with connection.cursor() as cur:
-                cur.execute(
-                    "UPDATE annotate_comparison SET judgments_count = judgments_count + 1,"
-                    " status = CASE WHEN judgments_count + 1 >= overlap AND status = 'open' THEN 'complete'"
-                    " ELSE status END WHERE id = %s",
-                    [a.comparison_id],
-                )
+            cur.execute(
+                _RECORD_SQL,
+                {
+                    "project": project.id,
+                    "comparison": comparison_id,
+                    "annotator": annotator.id,
+                    "assignment": assignment_id,
+                    "outcome": judgment.outcome,
+                    "winner": judgment.winner_id,
+                    "ranking": None if judgment.ranking is None else json.dumps(judgment.ranking),
+                    "aspects": json.dumps(judgment.aspects),
+                    "rationale": rationale,
+                    "artifacts": json.dumps(judgment.artifacts),
+                    "displayed": json.dumps(shown),
+                    "time_spent": time_spent_ms,
+                    "key": idempotency_key,
+                    "source": source,
+                    "now": judgment.created_at,
+                },
+            )
+            inserted = cur.fetchone()
+            assert inserted is not None
+            judgment.id = inserted[0]
     except IntegrityError:
-        # Two requests with one idempotency key raced on different leases: the first one won.
+        # The idempotency key was used before (on another lease, or by a racing request).
         if idempotency_key:
             first = Judgment.objects.filter(annotator=annotator, idempotency_key=idempotency_key).first()
             if first is not None:
@@ -597,14 +683,6 @@ def _replay(first: Judgment, assignment_id: int) -> SubmitResult:
             "this idempotency key was already used for another lease", code="idempotency_key_reused"
         )
     return SubmitResult(first, False)
-
-
-def _canonical_order(comparison_id: int) -> list[int]:
-    return list(
-        ComparisonSample.objects.filter(comparison_id=comparison_id)
-        .order_by("position")
-        .values_list("sample_id", flat=True)
-    )
 
 
 def _outcome_fields(

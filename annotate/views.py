@@ -88,9 +88,9 @@ def sample_media(request: HttpRequest, sample_id: int) -> HttpResponseBase:
     seek in videos. Files are content-addressed, so clients may cache them for long."""
     if not request.user.is_authenticated:
         # Token clients (the API) authenticate here too.
-        from rest_framework.authentication import TokenAuthentication
+        from annotate.api.auth import CachedTokenAuthentication
 
-        auth = TokenAuthentication().authenticate(request)  # type: ignore[arg-type]
+        auth = CachedTokenAuthentication().authenticate(request)  # type: ignore[arg-type]
         if auth is None:
             return HttpResponse("authentication required", status=401, content_type="text/plain")
         request.user = auth[0]

@@ -272,9 +272,9 @@ class NextView(APIView):
         operation_id="next_comparisons",
     )
     def get(self, request: Request, slug: str) -> Response:
-        project = selectors.project_get(slug=slug)
+        project, member = selectors.project_for_member(slug=slug, user=request.user)
         n = _int_param(request, "n", 1, 1, 20)
-        leases = services.assignment_next(project=project, annotator=request.user, n=n)
+        leases = services.assignment_next(project=project, annotator=request.user, n=n, member=member)
         return Response(selectors.leases_payload(project=project, leases=leases))
 
 
@@ -300,7 +300,7 @@ class JudgmentSubmitView(APIView):
         parameters=[OpenApiParameter("next", int, description="also return my next n leases")],
     )
     def post(self, request: Request, slug: str) -> Response:
-        project = selectors.project_get(slug=slug)
+        project, member = selectors.project_for_member(slug=slug, user=request.user)
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
@@ -317,6 +317,7 @@ class JudgmentSubmitView(APIView):
             time_spent_ms=v["time_spent_ms"],
             idempotency_key=v["idempotency_key"],
             source=v["source"],
+            member=member,
         )
         j = result.judgment
         body: dict[str, Any] = {
@@ -329,7 +330,9 @@ class JudgmentSubmitView(APIView):
             }
         }
         if want_next:
-            leases = services.assignment_next(project=project, annotator=request.user, n=want_next)
+            leases = services.assignment_next(
+                project=project, annotator=request.user, n=want_next, member=member
+            )
             body["next"] = selectors.leases_payload(project=project, leases=leases)
         return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 

@@ -101,8 +101,11 @@ class Command(BaseCommand):
                 f"{opts['host']}:{opts['port']}",
                 "--workers",
                 str(workers),
+                # gthread keeps HTTP connections alive (the sync worker closes each one).
                 "--worker-class",
-                "sync",
+                os.environ.get("RL_WEB_WORKER_CLASS", "gthread"),
+                "--threads",
+                os.environ.get("RL_WEB_THREADS", "2"),
                 "--keep-alive",
                 "30",
                 "--max-requests",
