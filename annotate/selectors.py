@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from django.db import connection
 from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
 
@@ -38,11 +39,35 @@ def member_role_require(
     return member
 
 
-def project_for_member(*, slug: str, user: Any) -> tuple[Project, ProjectMember]:
-    """The project and the caller's membership in one query (the labeling hot path)."""
-    member = ProjectMember.objects.select_related("project").filter(project__slug=slug, user=user).first()
-    if member is not None:
-        return member.project, member
+def _from_row(model: Any, fields: Sequence[Any], values: Sequence[Any]) -> Any:
+    converted = [
+        f.from_db_value(v, None, connection) if hasattr(f, "from_db_value") else v
+        for f, v in zip(fields, values, strict=True)
+    ]
+    return model.from_db("default", [f.attname for f in fields], converted)
+
+
+def project_for_member(*, slug: str, user: Any, lock: bool = False) -> tuple[Project, ProjectMember]:
+    """The project and the caller's membership in one query (the labeling hot path: plain SQL,
+    no ORM query building).
+
+    ``lock`` also locks the membership row until the end of the current transaction, which
+    serialises one annotator's work-handling requests (see ``services.assignment_next``)."""
+    pf = Project._meta.concrete_fields
+    mf = ProjectMember._meta.concrete_fields
+    sql = (
+        f"SELECT {', '.join(f'p.{f.column}' for f in pf)}, {', '.join(f'm.{f.column}' for f in mf)}"
+        " FROM annotate_projectmember m JOIN annotate_project p ON p.id = m.project_id"
+        " WHERE p.slug = %s AND m.user_id = %s" + (" FOR UPDATE OF m" if lock else "")
+    )
+    with connection.cursor() as cur:
+        cur.execute(sql, [slug, user.pk])
+        row = cur.fetchone()
+    if row is not None:
+        project = _from_row(Project, pf, row[: len(pf)])
+        member = _from_row(ProjectMember, mf, row[len(pf) :])
+        member.project = project
+        return project, member
     project = project_get(slug=slug)
     return project, member_role_require(project=project, user=user)
 
@@ -83,16 +108,30 @@ def _sample_dict(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_PAYLOAD_SQL = """
+SELECT s.id, s.modality, s.text, s.mime_type, s.width, s.height, s.duration, s.fps, s.content_hash,
+       s.prompt_id, p.text
+FROM annotate_sample s JOIN annotate_prompt p ON p.id = s.prompt_id
+WHERE s.id = ANY(%s)
+"""
+
+
 def leases_payload(*, project: Project, leases: Iterable[Assignment]) -> dict[str, Any]:
     """What the labeling page needs to show a list of leases, samples in displayed order.
 
     One query: a comparison's prompt is its samples' prompt (the database guarantees it)."""
     leases = list(leases)
-    sample_ids = {int(sid) for a in leases for sid in a.display_order}
-    rows = {
-        r["id"]: r
-        for r in Sample.objects.filter(id__in=sample_ids).values(*_SAMPLE_FIELDS, "prompt_id", "prompt__text")
-    }
+    sample_ids = sorted({int(sid) for a in leases for sid in a.display_order})
+    rows: dict[int, dict[str, Any]] = {}
+    if sample_ids:
+        with connection.cursor() as cur:
+            cur.execute(_PAYLOAD_SQL, [sample_ids])
+            for r in cur.fetchall():
+                rows[r[0]] = {
+                    **dict(zip(_SAMPLE_FIELDS, r[:9], strict=True)),
+                    "prompt_id": r[9],
+                    "prompt__text": r[10],
+                }
     items = []
     for a in leases:
         first = rows[int(a.display_order[0])]

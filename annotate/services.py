@@ -388,49 +388,75 @@ def comparisons_create_random_pairs(
 
 
 # --- Assignment: handing out work ----------------------------------------------------------------
-# The caller's leases. Run after taking the advisory lock in its own statement: a statement's
-# snapshot predates any lock it waits for inside itself.
-_HELD_SQL = """
-SELECT a.id, a.comparison_id, a.display_order, a.leased_at, a.expires_at
-FROM annotate_assignment a
-WHERE a.project_id = %(project)s AND a.annotator_id = %(user)s AND a.status = 'active'
-  AND a.expires_at > %(now)s
-ORDER BY a.leased_at, a.id
-LIMIT %(n)s
-"""
-
-# Pick open comparisons, take a slot of each and lease them, in one statement. The display order
-# is shuffled per lease (left/right randomised) and stored with it.
-_PICK_SQL = """
-WITH picked AS (
+# Pick open comparisons, take a slot of each and lease them. SKIP LOCKED passes over rows that
+# other annotators are taking right now. The display order is shuffled per lease (left/right
+# randomised) and stored with it.
+_PICK = """
+picked AS (
     SELECT c.id, c.priority FROM annotate_comparison c
     WHERE c.project_id = %(project)s AND c.status = 'open' AND c.slots_taken < c.overlap
       AND c.id <> ALL(%(taken)s)
       AND NOT EXISTS (
           SELECT 1 FROM annotate_assignment a WHERE a.comparison_id = c.id AND a.annotator_id = %(user)s)
     ORDER BY c.priority DESC, c.id
-    LIMIT %(n)s
+    LIMIT {limit}
     FOR UPDATE OF c SKIP LOCKED
 ), bumped AS (
     UPDATE annotate_comparison c SET slots_taken = c.slots_taken + 1
-    FROM picked WHERE c.id = picked.id
+    WHERE c.id = ANY(ARRAY(SELECT id FROM picked))  -- an index lookup whatever the LIMIT estimate
     RETURNING c.id, c.priority
+), leased AS (
+    INSERT INTO annotate_assignment
+        (project_id, comparison_id, annotator_id, status, display_order, leased_at, expires_at)
+    SELECT %(project)s, b.id, %(user)s, 'active',
+        (SELECT jsonb_agg(cs.sample_id ORDER BY random()) FROM annotate_comparisonsample cs
+          WHERE cs.comparison_id = b.id),
+        %(now)s, %(expires)s
+    FROM bumped b
+    ORDER BY b.priority DESC, b.id
+    RETURNING id, comparison_id, display_order, leased_at, expires_at
 )
-INSERT INTO annotate_assignment
-    (project_id, comparison_id, annotator_id, status, display_order, leased_at, expires_at)
-SELECT %(project)s, b.id, %(user)s, 'active',
-    (SELECT jsonb_agg(cs.sample_id ORDER BY random()) FROM annotate_comparisonsample cs
-      WHERE cs.comparison_id = b.id),
-    %(now)s, %(expires)s
-FROM bumped b
-ORDER BY b.priority DESC, b.id
-RETURNING id, comparison_id, display_order
 """
+
+# The caller's unexpired leases plus as many new ones as needed to make n, in one statement.
+_NEXT_SQL = (
+    """
+WITH held AS (
+    SELECT a.id, a.comparison_id, a.display_order, a.leased_at, a.expires_at
+    FROM annotate_assignment a
+    WHERE a.project_id = %(project)s AND a.annotator_id = %(user)s AND a.status = 'active'
+      AND a.expires_at > %(now)s
+    ORDER BY a.leased_at, a.id
+    LIMIT %(n)s
+), """
+    + _PICK.format(
+        limit="CASE WHEN %(paused)s THEN 0 ELSE GREATEST(%(n)s - (SELECT count(*) FROM held), 0) END"
+    )
+    + """
+SELECT 0, * FROM held
+UNION ALL
+SELECT 1, * FROM leased
+"""
+)
+
+# A second look for the slots SKIP LOCKED passed over (a fresh snapshot sees them once free).
+_PICK_MORE_SQL = "WITH " + _PICK.format(limit="%(need)s") + "SELECT 1, * FROM leased"
 
 
 def _json(value: Any) -> Any:
     # Django's psycopg setup hands raw-cursor jsonb back as text.
     return json.loads(value) if isinstance(value, str) else value
+
+
+def _lock_annotator(*, project: Project, annotator: Any, member: ProjectMember) -> None:
+    """Serialise one annotator's `next` calls in a project (two tabs, parallel prefetches), so
+    they agree on the leases held. Its own statement: a statement's snapshot predates any lock
+    it waits for inside itself."""
+    with connection.cursor() as cur:
+        if member.pk is not None:
+            cur.execute("SELECT 1 FROM annotate_projectmember WHERE id = %s FOR UPDATE", [member.pk])
+        else:  # staff acting without a membership row
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [project.id % 2**31, annotator.id % 2**31])
 
 
 def assignment_next(
@@ -440,61 +466,54 @@ def assignment_next(
     n: int = 1,
     now: datetime | None = None,
     member: ProjectMember | None = None,
+    member_locked: bool = False,
 ) -> list[Assignment]:
     """Return up to ``n`` leases for ``annotator``: their unexpired active leases first, then new
     ones. Concurrent callers never get the same slot (row locks with SKIP LOCKED), and nobody
-    is ever handed a comparison they were handed before. Parallel calls of one annotator (say,
-    two browser tabs) are serialised by an advisory lock, so they agree on the leases held."""
+    is ever handed a comparison they were handed before. Parallel calls of one annotator are
+    serialised on their membership row (``member_locked``: the caller already holds that lock
+    in the current transaction)."""
     if not 1 <= n <= 20:
         raise Invalid("n must be between 1 and 20")
     member = _require_member(project=project, user=annotator, member=member)
     now = now or timezone.now()
-    expires = now + timedelta(seconds=project.lease_seconds)
+    params: dict[str, Any] = {
+        "project": project.id,
+        "user": annotator.id,
+        "n": n,
+        "now": now,
+        "expires": now + timedelta(seconds=project.lease_seconds),
+        "paused": member.paused,
+        "taken": [],
+    }
 
-    def lease(row: tuple[Any, ...], leased_at: datetime, expires_at: datetime) -> Assignment:
+    def lease(row: tuple[Any, ...]) -> Assignment:
         return Assignment(
-            id=row[0],
+            id=row[1],
             project=project,
-            comparison_id=row[1],
+            comparison_id=row[2],
             annotator=annotator,
             status=Assignment.Status.ACTIVE,
-            display_order=_json(row[2]),
-            leased_at=leased_at,
-            expires_at=expires_at,
+            display_order=_json(row[3]),
+            leased_at=row[4],
+            expires_at=row[5],
         )
 
-    with transaction.atomic(), connection.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [project.id % 2**31, annotator.id % 2**31])
-        cur.execute(
-            _HELD_SQL,
-            {
-                "project": project.id,
-                "user": annotator.id,
-                "now": now,
-                "n": n,
-            },
-        )
-        held = [lease(r, r[3], r[4]) for r in cur.fetchall()]
-        if len(held) >= n or member.paused:
-            return held
-        fresh: list[Assignment] = []
-        # SKIP LOCKED passes over rows other annotators are taking right now; a second look
-        # (a fresh snapshot) finds the slots they left free once they commit.
-        for _ in range(3):
-            cur.execute(
-                _PICK_SQL,
-                {
-                    "project": project.id,
-                    "user": annotator.id,
-                    "n": n - len(held) - len(fresh),
-                    "taken": [a.comparison_id for a in fresh],
-                    "now": now,
-                    "expires": expires,
-                },
-            )
-            fresh += [lease(r, now, expires) for r in cur.fetchall()]
-            if len(held) + len(fresh) >= n:
+    with transaction.atomic(savepoint=False), connection.cursor() as cur:
+        if not member_locked:
+            _lock_annotator(project=project, annotator=annotator, member=member)
+        cur.execute(_NEXT_SQL, params)
+        rows = cur.fetchall()
+        held = [lease(r) for r in rows if r[0] == 0]
+        fresh = [lease(r) for r in rows if r[0] == 1]
+        for _ in range(2):
+            need = n - len(held) - len(fresh)
+            if need <= 0 or member.paused:
                 break
+            params.update(need=need, taken=[a.comparison_id for a in fresh])
+            cur.execute(_PICK_MORE_SQL, params)
+            fresh += [lease(r) for r in cur.fetchall()]
+    held.sort(key=lambda a: (a.leased_at, a.id or 0))
     fresh.sort(key=lambda a: a.id or 0)
     return held + fresh
 
@@ -572,13 +591,15 @@ WITH j AS (
     VALUES (%(project)s, %(comparison)s, %(annotator)s, %(assignment)s, %(outcome)s, %(winner)s,
         %(ranking)s, %(aspects)s, %(rationale)s, %(artifacts)s, %(displayed)s, %(time_spent)s, %(key)s,
         %(source)s, %(now)s)
+    ON CONFLICT (annotator_id, idempotency_key) WHERE NOT (idempotency_key = '') DO NOTHING
     RETURNING id
 ), a AS (
-    UPDATE annotate_assignment SET status = 'done', finished_at = %(now)s WHERE id = %(assignment)s
+    UPDATE annotate_assignment SET status = 'done', finished_at = %(now)s
+    WHERE id = %(assignment)s AND EXISTS (SELECT 1 FROM j)
 ), c AS (
     UPDATE annotate_comparison SET judgments_count = judgments_count + 1,
         status = CASE WHEN judgments_count + 1 >= overlap AND status = 'open' THEN 'complete' ELSE status END
-    WHERE id = %(comparison)s
+    WHERE id = %(comparison)s AND EXISTS (SELECT 1 FROM j)
 )
 SELECT id FROM j
 """
@@ -608,72 +629,68 @@ def judgment_submit(
         raise Invalid("time_spent_ms must be between 0 and 86400000")
     if len(rationale) > 10_000:
         raise Invalid("rationale is longer than 10000 characters")
-    try:
-        with transaction.atomic(), connection.cursor() as cur:
-            cur.execute(_LEASE_SQL, [assignment_id, project.id])
-            row = cur.fetchone()
-            if row is None:
-                raise NotFound(f"no lease {assignment_id} in project {project.slug}")
-            holder, status, display_order, comparison_id, canonical = row
-            if holder != annotator.id:
-                raise Forbidden("this comparison is not leased to you", code="not_your_lease")
-            if status == Assignment.Status.DONE:
-                prior = Judgment.objects.filter(assignment_id=assignment_id).first()
-                if prior is not None and idempotency_key and prior.idempotency_key == idempotency_key:
-                    return SubmitResult(prior, False)
-                raise Conflict("you already judged this comparison", code="already_judged")
-            if status != Assignment.Status.ACTIVE:
-                raise Conflict(f"this lease was {status}; fetch a new comparison", code="lease_released")
-            # Django's psycopg setup hands raw-cursor jsonb back as text.
-            if isinstance(display_order, str):
-                display_order = json.loads(display_order)
-            shown = [int(x) for x in display_order]
-            fields = _outcome_fields(project, canonical, shown, choice, ranking)
-            judgment = Judgment(
-                project=project,
-                comparison_id=comparison_id,
-                annotator=annotator,
-                assignment_id=assignment_id,
-                aspects=_map_aspects(project, canonical, shown, aspects or {}),
-                rationale=rationale,
-                artifacts=_check_artifacts(canonical, artifacts or []),
-                displayed_order=shown,
-                time_spent_ms=time_spent_ms,
-                idempotency_key=idempotency_key,
-                source=source,
-                created_at=timezone.now(),
-                **fields,
-            )
-            cur.execute(
-                _RECORD_SQL,
-                {
-                    "project": project.id,
-                    "comparison": comparison_id,
-                    "annotator": annotator.id,
-                    "assignment": assignment_id,
-                    "outcome": judgment.outcome,
-                    "winner": judgment.winner_id,
-                    "ranking": None if judgment.ranking is None else json.dumps(judgment.ranking),
-                    "aspects": json.dumps(judgment.aspects),
-                    "rationale": rationale,
-                    "artifacts": json.dumps(judgment.artifacts),
-                    "displayed": json.dumps(shown),
-                    "time_spent": time_spent_ms,
-                    "key": idempotency_key,
-                    "source": source,
-                    "now": judgment.created_at,
-                },
-            )
-            inserted = cur.fetchone()
-            assert inserted is not None
-            judgment.id = inserted[0]
-    except IntegrityError:
-        # The idempotency key was used before (on another lease, or by a racing request).
-        if idempotency_key:
-            first = Judgment.objects.filter(annotator=annotator, idempotency_key=idempotency_key).first()
-            if first is not None:
-                return _replay(first, assignment_id)
-        raise
+    # No savepoint: inside a caller's transaction (submit + next) this adds no round trips.
+    with transaction.atomic(savepoint=False), connection.cursor() as cur:
+        cur.execute(_LEASE_SQL, [assignment_id, project.id])
+        row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"no lease {assignment_id} in project {project.slug}")
+        holder, status, display_order, comparison_id, canonical = row
+        if holder != annotator.id:
+            raise Forbidden("this comparison is not leased to you", code="not_your_lease")
+        if status == Assignment.Status.DONE:
+            prior = Judgment.objects.filter(assignment_id=assignment_id).first()
+            if prior is not None and idempotency_key and prior.idempotency_key == idempotency_key:
+                return SubmitResult(prior, False)
+            raise Conflict("you already judged this comparison", code="already_judged")
+        if status != Assignment.Status.ACTIVE:
+            raise Conflict(f"this lease was {status}; fetch a new comparison", code="lease_released")
+        # Django's psycopg setup hands raw-cursor jsonb back as text.
+        if isinstance(display_order, str):
+            display_order = json.loads(display_order)
+        shown = [int(x) for x in display_order]
+        fields = _outcome_fields(project, canonical, shown, choice, ranking)
+        judgment = Judgment(
+            project=project,
+            comparison_id=comparison_id,
+            annotator=annotator,
+            assignment_id=assignment_id,
+            aspects=_map_aspects(project, canonical, shown, aspects or {}),
+            rationale=rationale,
+            artifacts=_check_artifacts(canonical, artifacts or []),
+            displayed_order=shown,
+            time_spent_ms=time_spent_ms,
+            idempotency_key=idempotency_key,
+            source=source,
+            created_at=timezone.now(),
+            **fields,
+        )
+        cur.execute(
+            _RECORD_SQL,
+            {
+                "project": project.id,
+                "comparison": comparison_id,
+                "annotator": annotator.id,
+                "assignment": assignment_id,
+                "outcome": judgment.outcome,
+                "winner": judgment.winner_id,
+                "ranking": None if judgment.ranking is None else json.dumps(judgment.ranking),
+                "aspects": json.dumps(judgment.aspects),
+                "rationale": rationale,
+                "artifacts": json.dumps(judgment.artifacts),
+                "displayed": json.dumps(shown),
+                "time_spent": time_spent_ms,
+                "key": idempotency_key,
+                "source": source,
+                "now": judgment.created_at,
+            },
+        )
+        inserted = cur.fetchone()
+        if inserted is None:
+            # The idempotency key was used before, on another lease: nothing was written.
+            first = Judgment.objects.get(annotator=annotator, idempotency_key=idempotency_key)
+            return _replay(first, assignment_id)
+        judgment.id = inserted[0]
     return SubmitResult(judgment, True)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import authenticate, get_user_model
+from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.authtoken.models import Token
@@ -272,10 +273,18 @@ class NextView(APIView):
         operation_id="next_comparisons",
     )
     def get(self, request: Request, slug: str) -> Response:
-        project, member = selectors.project_for_member(slug=slug, user=request.user)
         n = _int_param(request, "n", 1, 1, 20)
-        leases = services.assignment_next(project=project, annotator=request.user, n=n, member=member)
-        return Response(selectors.leases_payload(project=project, leases=leases))
+        with transaction.atomic():
+            project, member = selectors.project_for_member(slug=slug, user=request.user, lock=True)
+            leases = services.assignment_next(
+                project=project,
+                annotator=request.user,
+                n=n,
+                member=member,
+                member_locked=member.pk is not None,
+            )
+            payload = selectors.leases_payload(project=project, leases=leases)
+        return Response(payload)
 
 
 class JudgmentSubmitView(APIView):
@@ -300,40 +309,46 @@ class JudgmentSubmitView(APIView):
         parameters=[OpenApiParameter("next", int, description="also return my next n leases")],
     )
     def post(self, request: Request, slug: str) -> Response:
-        project, member = selectors.project_for_member(slug=slug, user=request.user)
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
         want_next = _int_param(request, "next", 0, 0, 20)
-        result = services.judgment_submit(
-            project=project,
-            annotator=request.user,
-            assignment_id=v["assignment"],
-            choice=v.get("choice"),
-            ranking=v.get("ranking"),
-            aspects=v["aspects"],
-            rationale=v["rationale"],
-            artifacts=v["artifacts"],
-            time_spent_ms=v["time_spent_ms"],
-            idempotency_key=v["idempotency_key"],
-            source=v["source"],
-            member=member,
-        )
-        j = result.judgment
-        body: dict[str, Any] = {
-            "judgment": {
-                "id": j.id,
-                "comparison": j.comparison_id,
-                "outcome": j.outcome,
-                "winner": j.winner_id,
-                "created_at": j.created_at.isoformat(),
-            }
-        }
-        if want_next:
-            leases = services.assignment_next(
-                project=project, annotator=request.user, n=want_next, member=member
+        # One transaction for the judgment and the next leases: fewer round trips per label.
+        with transaction.atomic():
+            project, member = selectors.project_for_member(slug=slug, user=request.user, lock=True)
+            result = services.judgment_submit(
+                project=project,
+                annotator=request.user,
+                assignment_id=v["assignment"],
+                choice=v.get("choice"),
+                ranking=v.get("ranking"),
+                aspects=v["aspects"],
+                rationale=v["rationale"],
+                artifacts=v["artifacts"],
+                time_spent_ms=v["time_spent_ms"],
+                idempotency_key=v["idempotency_key"],
+                source=v["source"],
+                member=member,
             )
-            body["next"] = selectors.leases_payload(project=project, leases=leases)
+            j = result.judgment
+            body: dict[str, Any] = {
+                "judgment": {
+                    "id": j.id,
+                    "comparison": j.comparison_id,
+                    "outcome": j.outcome,
+                    "winner": j.winner_id,
+                    "created_at": j.created_at.isoformat(),
+                }
+            }
+            if want_next:
+                leases = services.assignment_next(
+                    project=project,
+                    annotator=request.user,
+                    n=want_next,
+                    member=member,
+                    member_locked=member.pk is not None,
+                )
+                body["next"] = selectors.leases_payload(project=project, leases=leases)
         return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 
 

@@ -40,7 +40,7 @@ class Command(BaseCommand):
             "--workers",
             type=int,
             default=int(os.environ.get("RL_WEB_WORKERS", "0")),
-            help="gunicorn workers (default: 2 x cores + 1)",
+            help="gunicorn workers (default: cores + 1)",
         )
         parser.add_argument("--no-worker", action="store_true", help="do not start Celery worker and beat")
         parser.add_argument("--seed-demo", action="store_true", help="seed the demo project first")
@@ -89,7 +89,9 @@ class Command(BaseCommand):
 
     def _start(self, opts: dict[str, Any]) -> None:
         py = sys.executable
-        workers = opts["workers"] or (2 * (os.cpu_count() or 1) + 1)
+        # Measured on 2 cores (docs/BENCHMARKS.md): one process per core plus one, each with six
+        # threads to overlap database round trips, beat more processes or more threads.
+        workers = opts["workers"] or ((os.cpu_count() or 1) + 1)
         self._spawn(
             "web",
             [
@@ -105,7 +107,7 @@ class Command(BaseCommand):
                 "--worker-class",
                 os.environ.get("RL_WEB_WORKER_CLASS", "gthread"),
                 "--threads",
-                os.environ.get("RL_WEB_THREADS", "2"),
+                os.environ.get("RL_WEB_THREADS", "6"),
                 "--keep-alive",
                 "30",
                 "--max-requests",
