@@ -340,3 +340,45 @@ class Judgment(models.Model):
 
     def __str__(self) -> str:
         return f"judgment {self.pk}: {self.outcome} on comparison {self.comparison_id}"
+
+
+def snapshot_upload_path(instance: DatasetSnapshot, filename: str) -> str:
+    return f"snapshots/{instance.project_id}/{instance.pk}-{filename}"
+
+
+class DatasetSnapshot(models.Model):
+    """An immutable, content-hashed dataset version: the query that made it, its row count, the
+    sha256 of its bytes and the file. Reward-model training records which snapshot it used."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    project = models.ForeignKey(Project, on_delete=models.PROTECT, related_name="snapshots")
+    name = models.CharField(max_length=200, blank=True, default="")
+    spec = models.JSONField(help_text="Schema, format, aggregation and filters the rows were made with.")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    rows_expected = models.BigIntegerField(null=True, blank=True, help_text="Judgments matching the filters.")
+    rows_written = models.BigIntegerField(default=0)
+    row_count = models.BigIntegerField(null=True, blank=True)
+    sha256 = models.CharField(max_length=64, blank=True, default="")
+    byte_size = models.BigIntegerField(null=True, blank=True)
+    file = models.FileField(upload_to=snapshot_upload_path, blank=True, default="", max_length=300)
+    error = models.TextField(blank=True, default="")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=~Q(status="done") | (~Q(sha256="") & Q(row_count__isnull=False) & ~Q(file="")),
+                name="snapshot_done_has_hash_and_file",
+            ),
+        ]
+        indexes = [models.Index(fields=["project", "-created_at"], name="snapshot_project_time")]
+
+    def __str__(self) -> str:
+        return f"snapshot {self.pk} of {self.project_id} ({self.status})"

@@ -26,6 +26,7 @@ from annotate.models import (
     Assignment,
     Comparison,
     ComparisonSample,
+    DatasetSnapshot,
     Generator,
     GeneratorVersion,
     Judgment,
@@ -137,8 +138,9 @@ def _text_hash(text: str) -> str:
 
 
 def prompt_get_or_create(*, project: Project, text: str, metadata: dict[str, Any] | None = None) -> Prompt:
-    text = text.strip()
-    if not text:
+    # Kept verbatim (whitespace included): TRL's implicit prompts end in a space, and a round trip
+    # must give back the same strings.
+    if not text.strip():
         raise Invalid("prompt text is empty")
     prompt, _ = Prompt.objects.get_or_create(
         project=project, text_hash=_text_hash(text), defaults={"text": text, "metadata": metadata or {}}
@@ -810,3 +812,77 @@ def judgment_undo(*, project: Project, annotator: Any, now: datetime | None = No
                 [comparison_id],
             )
     return a
+
+
+# --- Dataset snapshots ---------------------------------------------------------------------------
+def snapshot_create(
+    *, project: Project, actor: Any, spec: Any, name: str = "", build_now: bool = False
+) -> DatasetSnapshot:
+    """Record a snapshot request (managers only) and queue its build on Celery; ``build_now``
+    builds it in this process instead (the CLI)."""
+    from annotate import exports
+
+    member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
+    if spec.aspect is not None and spec.aspect not in {a["key"] for a in project.aspects}:
+        raise Invalid(f"unknown aspect {spec.aspect!r}")
+    expected = exports.count_judgments(project=project, spec=spec)
+    snap = DatasetSnapshot.objects.create(
+        project=project, name=name, spec=spec.as_dict(), rows_expected=expected, created_by=actor
+    )
+    if build_now:
+        snapshot_build(snapshot_id=snap.id)
+        snap.refresh_from_db()
+    else:
+        from annotate.tasks import build_snapshot
+
+        transaction.on_commit(lambda: build_snapshot.delay(snap.id))
+    return snap
+
+
+def snapshot_build(*, snapshot_id: int, progress: Any = None) -> DatasetSnapshot:
+    """Write a snapshot's file once. Safe to call again: a built snapshot is never rewritten."""
+    import tempfile
+
+    from django.core.files import File
+
+    from annotate import exports
+
+    with transaction.atomic():
+        snap = DatasetSnapshot.objects.select_for_update().select_related("project").get(id=snapshot_id)
+        if snap.status in (DatasetSnapshot.Status.DONE, DatasetSnapshot.Status.RUNNING):
+            return snap
+        snap.status = DatasetSnapshot.Status.RUNNING
+        snap.save(update_fields=["status"])
+    spec_dict = dict(snap.spec)
+    spec = exports.spec_from_dict(spec_dict)
+
+    def report(rows: int) -> None:
+        DatasetSnapshot.objects.filter(id=snap.id).update(rows_written=rows)
+        if progress is not None:
+            progress(rows)
+
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            rows, digest, size = exports.write(project=snap.project, spec=spec, out=tmp, progress=report)
+            tmp.seek(0)
+            snap.file.save(
+                f"{snap.project.slug}-{spec.schema}-{digest[:12]}.{spec.format}", File(tmp), save=False
+            )
+    except Exception as exc:
+        DatasetSnapshot.objects.filter(id=snap.id).update(
+            status=DatasetSnapshot.Status.FAILED,
+            error=f"{type(exc).__name__}: {exc}",
+            finished_at=timezone.now(),
+        )
+        raise
+    DatasetSnapshot.objects.filter(id=snap.id).update(
+        status=DatasetSnapshot.Status.DONE,
+        row_count=rows,
+        rows_written=rows,
+        sha256=digest,
+        byte_size=size,
+        file=snap.file.name,
+        finished_at=timezone.now(),
+    )
+    snap.refresh_from_db()
+    return snap

@@ -215,6 +215,8 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "annotate.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": None,
+    # `format` is an export parameter (jsonl/csv/parquet), not DRF's renderer override.
+    "URL_FORMAT_OVERRIDE": None,
 }
 
 SPECTACULAR_SETTINGS = {

@@ -14,4 +14,24 @@ urlpatterns = [
     path("projects/<slug:slug>/skip/", views.SkipView.as_view(), name="api-skip"),
     path("projects/<slug:slug>/undo/", views.UndoView.as_view(), name="api-undo"),
     path("projects/<slug:slug>/progress/", views.ProgressView.as_view(), name="api-progress"),
+    path(
+        "projects/<slug:slug>/imports/samples/", views.SamplesImportView.as_view(), name="api-import-samples"
+    ),
+    path(
+        "projects/<slug:slug>/imports/preferences/",
+        views.PreferencesImportView.as_view(),
+        name="api-import-preferences",
+    ),
+    path("projects/<slug:slug>/export/", views.ExportView.as_view(), name="api-export"),
+    path("projects/<slug:slug>/snapshots/", views.SnapshotListCreateView.as_view(), name="api-snapshots"),
+    path(
+        "projects/<slug:slug>/snapshots/<int:snapshot_id>/",
+        views.SnapshotDetailView.as_view(),
+        name="api-snapshot",
+    ),
+    path(
+        "projects/<slug:slug>/snapshots/<int:snapshot_id>/download/",
+        views.SnapshotDownloadView.as_view(),
+        name="api-snapshot-download",
+    ),
 ]

@@ -381,3 +381,191 @@ class ProgressView(APIView):
     def get(self, request: Request, slug: str) -> Response:
         project, _ = selectors.project_for_member(slug=slug, user=request.user)
         return Response(selectors.annotator_progress(project=project, annotator=request.user))
+
+
+# --- Datasets: export and snapshots --------------------------------------------------------------
+class ExportView(APIView):
+    """Stream a preference dataset. Rows leave as the database cursor yields them."""
+
+    @extend_schema(
+        operation_id="dataset_export",
+        parameters=[
+            OpenApiParameter("schema", str, enum=["trl", "pickapic", "aspects", "ranking", "raw"]),
+            OpenApiParameter("format", str, enum=["jsonl", "csv", "parquet"]),
+            OpenApiParameter("aggregate", str, enum=["none", "majority", "soft"]),
+            OpenApiParameter("media", str, enum=["url", "bytes"]),
+            OpenApiParameter("since", str),
+            OpenApiParameter("until", str),
+            OpenApiParameter("min_agreement", float),
+            OpenApiParameter("exclude_paused", bool),
+            OpenApiParameter("gold", str, enum=["any", "only", "exclude"]),
+            OpenApiParameter("aspect", str),
+            OpenApiParameter(
+                "generator_versions", str, description="comma-separated ids or generator@version"
+            ),
+            OpenApiParameter("modality", str, enum=["image", "video", "text"]),
+        ],
+    )
+    def get(self, request: Request, slug: str) -> Any:
+        from django.http import StreamingHttpResponse
+
+        from annotate import exports
+
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        selectors.member_role_require(project=project, user=request.user, roles=(ProjectMember.Role.MANAGER,))
+        spec = exports.spec_from_params(
+            request.query_params, base_url=request.build_absolute_uri("/").rstrip("/")
+        )
+        exports.validate_for_project(project=project, spec=spec)
+        response = StreamingHttpResponse(
+            exports.stream(project=project, spec=spec), content_type=exports.CONTENT_TYPES[spec.format]
+        )
+        response["Content-Disposition"] = f'attachment; filename="{project.slug}-{spec.schema}.{spec.format}"'
+        response["X-Accel-Buffering"] = "no"
+        return response
+
+
+def _snapshot_out(snap: Any) -> dict[str, Any]:
+    return {
+        "id": snap.id,
+        "name": snap.name,
+        "status": snap.status,
+        "spec": snap.spec,
+        "rows_expected": snap.rows_expected,
+        "rows_written": snap.rows_written,
+        "row_count": snap.row_count,
+        "sha256": snap.sha256,
+        "byte_size": snap.byte_size,
+        "error": snap.error,
+        "created_at": snap.created_at.isoformat(),
+        "finished_at": snap.finished_at.isoformat() if snap.finished_at else None,
+        "download": f"/api/projects/{snap.project.slug}/snapshots/{snap.id}/download/"
+        if snap.status == "done"
+        else None,
+    }
+
+
+class SnapshotListCreateView(APIView):
+    @extend_schema(operation_id="snapshots_list")
+    def get(self, request: Request, slug: str) -> Response:
+        from annotate.models import DatasetSnapshot
+
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        snaps = (
+            DatasetSnapshot.objects.filter(project=project)
+            .select_related("project")
+            .order_by("-created_at")[:200]
+        )
+        return Response({"snapshots": [_snapshot_out(s) for s in snaps]})
+
+    @extend_schema(
+        operation_id="snapshot_create",
+        description="Build an immutable dataset snapshot on Celery. "
+        "Body: the export parameters (schema, format, aggregate, filters) and an optional name.",
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        from annotate import exports
+
+        project = selectors.project_get(slug=slug)
+        data: Any = request.data
+        spec = exports.spec_from_params(data)
+        exports.validate_for_project(project=project, spec=spec)
+        snap = services.snapshot_create(
+            project=project, actor=request.user, spec=spec, name=str(data.get("name") or "")
+        )
+        return Response(_snapshot_out(snap), status=status.HTTP_202_ACCEPTED)
+
+
+class SnapshotDetailView(APIView):
+    @extend_schema(operation_id="snapshot_detail")
+    def get(self, request: Request, slug: str, snapshot_id: int) -> Response:
+        from annotate.models import DatasetSnapshot
+
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        snap = (
+            DatasetSnapshot.objects.filter(project=project, id=snapshot_id).select_related("project").first()
+        )
+        if snap is None:
+            raise NotFound(f"no snapshot {snapshot_id} in {slug}")
+        return Response(_snapshot_out(snap))
+
+
+class SnapshotDownloadView(APIView):
+    @extend_schema(operation_id="snapshot_download")
+    def get(self, request: Request, slug: str, snapshot_id: int) -> Any:
+        from django.http import FileResponse
+
+        from annotate import exports
+        from annotate.models import DatasetSnapshot
+
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        selectors.member_role_require(project=project, user=request.user, roles=(ProjectMember.Role.MANAGER,))
+        snap = DatasetSnapshot.objects.filter(project=project, id=snapshot_id).first()
+        if snap is None or snap.status != DatasetSnapshot.Status.DONE:
+            raise NotFound(f"snapshot {snapshot_id} is not built (yet)")
+        fmt = snap.spec.get("format", "jsonl")
+        response = FileResponse(
+            snap.file.open("rb"), content_type=exports.CONTENT_TYPES.get(fmt, "application/octet-stream")
+        )
+        response["Content-Disposition"] = (
+            f'attachment; filename="{(snap.file.name or "").rsplit("/", 1)[-1]}"'
+        )
+        response["ETag"] = f'"{snap.sha256}"'
+        return response
+
+
+class SamplesImportView(APIView):
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(
+        operation_id="samples_import",
+        description="multipart: `file` = a zip with manifest.jsonl or "
+        "manifest.csv (prompt, path|text, generator, generator_version, metadata) and the media.",
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        from annotate import imports
+
+        project = selectors.project_get(slug=slug)
+        upload = request.FILES.get("file")
+        if upload is None:
+            raise Invalid("upload the zip as the 'file' field")
+        result = imports.samples_import(project=project, actor=request.user, source=upload)
+        return Response(
+            {
+                "rows": result.rows,
+                "created": result.created,
+                "duplicates": result.duplicates,
+                "sample_ids": result.sample_ids,
+            },
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class PreferencesImportView(APIView):
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(
+        operation_id="preferences_import",
+        parameters=[OpenApiParameter("format", str, enum=["trl", "pickapic"])],
+        description="multipart: `file` = TRL-style JSONL or Pick-a-Pic-style Parquet.",
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        from annotate import imports
+
+        project = selectors.project_get(slug=slug)
+        upload = request.FILES.get("file")
+        if upload is None:
+            raise Invalid("upload the data as the 'file' field")
+        form: Any = request.data
+        fmt = request.query_params.get("format") or form.get("format") or ""
+        result = imports.preferences_import(project=project, actor=request.user, fmt=str(fmt), file=upload)
+        return Response(
+            {
+                "rows": result.rows,
+                "judgments": result.judgments,
+                "comparisons": result.comparisons,
+                "samples_created": result.created,
+                "samples_reused": result.duplicates,
+            },
+            status=status.HTTP_201_CREATED,
+        )

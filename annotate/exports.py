@@ -1,0 +1,729 @@
+"""Preference datasets out: rows in the schemas trainers read, streamed in JSONL, CSV or Parquet.
+
+Rows come from a server-side cursor in chunks, so memory stays flat whatever the size: a chunk
+of judgments, the samples and prompts it needs, the rows, then the next chunk. Judgments arrive
+ordered by comparison, so the votes of one comparison are aggregated without holding more than
+that comparison.
+
+Schemas (``SCHEMAS``):
+- ``trl``: prompt, chosen, rejected (TRL RewardTrainer / DPOTrainer); comparisons whose outcome
+  is a tie or both-bad have no chosen/rejected and are left out.
+- ``pickapic``: caption, jpg_0, jpg_1, label_0, label_1 (0.5/0.5 for ties), model_0, model_1,
+  user_id, ... as in the Pick-a-Pic dataset; both-bad outcomes are left out.
+- ``aspects``: one column per aspect outcome, VideoAlign style (A / B / same).
+- ``ranking``: full rankings (sample ids best first); pairwise outcomes become 2-rankings.
+- ``raw``: every judgment with annotator, displayed order, time spent, aspects, artifacts, rationale.
+
+Aggregation (``aggregate``): ``none`` (a row per judgment), ``majority`` (a row per comparison,
+the most voted outcome; an A/B draw counts as a tie) or ``soft`` (a row per comparison, labels
+are vote shares, ties count half). Every aggregated row carries ``num_votes`` and ``agreement``
+(the share of votes for the majority outcome).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from django.db import connection
+
+from annotate.errors import Invalid
+from annotate.models import Project
+
+SCHEMAS = ("trl", "pickapic", "aspects", "ranking", "raw")
+FORMATS = ("jsonl", "csv", "parquet")
+AGGREGATES = ("none", "majority", "soft")
+MEDIA_MODES = ("url", "bytes")
+CONTENT_TYPES = {
+    "jsonl": "application/x-ndjson",
+    "csv": "text/csv",
+    "parquet": "application/vnd.apache.parquet",
+}
+CHUNK = 2000
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What to export. Validated on construction; every field has a safe default."""
+
+    schema: str = "trl"
+    format: str = "jsonl"
+    aggregate: str = "majority"
+    media: str = "url"  # image/video samples as file URLs, or their bytes embedded
+    base_url: str = ""  # prefix for media URLs (the API passes the request's host)
+    since: dt.datetime | None = None  # judgments created at or after
+    until: dt.datetime | None = None  # judgments created before
+    min_agreement: float | None = None  # drop comparisons whose agreement is lower
+    exclude_paused: bool = False  # leave out judgments of paused annotators
+    gold: str = "any"  # any | only | exclude
+    aspect: str | None = None  # trl/pickapic: use this aspect's outcome instead of the overall one
+    generator_versions: tuple[int, ...] = field(default_factory=tuple)  # keep comparisons of these only
+    modality: str | None = None  # keep comparisons of image, video or text samples only
+
+    def __post_init__(self) -> None:
+        if self.schema not in SCHEMAS:
+            raise Invalid(f"schema must be one of {', '.join(SCHEMAS)}")
+        if self.format not in FORMATS:
+            raise Invalid(f"format must be one of {', '.join(FORMATS)}")
+        if self.aggregate not in AGGREGATES:
+            raise Invalid(f"aggregate must be one of {', '.join(AGGREGATES)}")
+        if self.media not in MEDIA_MODES:
+            raise Invalid(f"media must be one of {', '.join(MEDIA_MODES)}")
+        if self.gold not in ("any", "only", "exclude"):
+            raise Invalid("gold must be one of any, only, exclude")
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            raise Invalid("min_agreement must be between 0 and 1")
+        if self.modality not in (None, "image", "video", "text"):
+            raise Invalid("modality must be image, video or text")
+        if self.since and self.until and self.since >= self.until:
+            raise Invalid("since must be before until")
+        if self.schema == "raw" and self.aggregate != "none":
+            object.__setattr__(self, "aggregate", "none")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "format": self.format,
+            "aggregate": self.aggregate,
+            "media": self.media,
+            "since": self.since.isoformat() if self.since else None,
+            "until": self.until.isoformat() if self.until else None,
+            "min_agreement": self.min_agreement,
+            "exclude_paused": self.exclude_paused,
+            "gold": self.gold,
+            "aspect": self.aspect,
+            "generator_versions": list(self.generator_versions),
+            "modality": self.modality,
+        }
+
+
+def validate_for_project(*, project: Project, spec: ExportSpec) -> None:
+    """Refuse before streaming what would only fail halfway through."""
+    keys = [a["key"] for a in project.aspects]
+    if spec.aspect is not None and spec.aspect not in keys:
+        raise Invalid(f"unknown aspect {spec.aspect!r}; this project has {keys}")
+    if spec.schema == "aspects" and not keys:
+        raise Invalid("this project has no aspects; use another schema")
+
+
+def spec_from_dict(data: dict[str, Any]) -> ExportSpec:
+    """Inverse of ``ExportSpec.as_dict`` (snapshots store their spec as JSON)."""
+    d = dict(data)
+    for key in ("since", "until"):
+        if d.get(key):
+            d[key] = dt.datetime.fromisoformat(d[key])
+    d["generator_versions"] = tuple(d.get("generator_versions") or ())
+    return ExportSpec(**d)
+
+
+def spec_from_params(params: Any, *, base_url: str = "") -> ExportSpec:
+    """Parse export parameters (query string or JSON body) into an ExportSpec; 400 on bad values."""
+    from annotate.models import GeneratorVersion
+
+    def when(name: str) -> dt.datetime | None:
+        raw = params.get(name)
+        if not raw:
+            return None
+        try:
+            value = dt.datetime.fromisoformat(str(raw))
+        except ValueError as exc:
+            raise Invalid(f"{name!r} must be an ISO 8601 date or datetime") from exc
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+    def flag(name: str) -> bool:
+        raw = str(params.get(name, "")).lower()
+        if raw in ("", "0", "false", "no"):
+            return False
+        if raw in ("1", "true", "yes"):
+            return True
+        raise Invalid(f"{name!r} must be true or false")
+
+    min_agreement = params.get("min_agreement")
+    try:
+        min_agreement_value = float(min_agreement) if min_agreement not in (None, "") else None
+    except (TypeError, ValueError) as exc:
+        raise Invalid("'min_agreement' must be a number between 0 and 1") from exc
+    versions: list[int] = []
+    raw_versions = params.get("generator_versions") or ""
+    names = raw_versions if isinstance(raw_versions, list) else [v for v in str(raw_versions).split(",") if v]
+    for name in names:
+        name = str(name).strip()
+        if name.isdigit():
+            versions.append(int(name))
+            continue
+        gen, _, ver = name.partition("@")
+        gv = GeneratorVersion.objects.filter(generator__name=gen, name=ver).first()
+        if gv is None:
+            raise Invalid(f"no generator version {name!r} (use id or generator@version)")
+        versions.append(gv.id)
+    return ExportSpec(
+        schema=str(params.get("schema") or "trl"),
+        format=str(params.get("format") or "jsonl"),
+        aggregate=str(params.get("aggregate") or ("none" if params.get("schema") == "raw" else "majority")),
+        media=str(params.get("media") or "url"),
+        base_url=base_url,
+        since=when("since"),
+        until=when("until"),
+        min_agreement=min_agreement_value,
+        exclude_paused=flag("exclude_paused"),
+        gold=str(params.get("gold") or "any"),
+        aspect=params.get("aspect") or None,
+        generator_versions=tuple(versions),
+        modality=params.get("modality") or None,
+    )
+
+
+# --- Reading -------------------------------------------------------------------------------------
+def _judgment_sql(project: Project, spec: ExportSpec) -> tuple[str, list[Any]]:
+    where = ["j.project_id = %s"]
+    params: list[Any] = [project.id]
+    if spec.since:
+        where.append("j.created_at >= %s")
+        params.append(spec.since)
+    if spec.until:
+        where.append("j.created_at < %s")
+        params.append(spec.until)
+    if spec.gold == "only":
+        where.append("c.is_gold")
+    elif spec.gold == "exclude":
+        where.append("NOT c.is_gold")
+    if spec.exclude_paused:
+        where.append(
+            "NOT EXISTS (SELECT 1 FROM annotate_projectmember m"
+            " WHERE m.project_id = j.project_id AND m.user_id = j.annotator_id AND m.paused)"
+        )
+    if spec.generator_versions:
+        where.append(
+            "NOT EXISTS (SELECT 1 FROM annotate_comparisonsample cs2"
+            " JOIN annotate_sample s2 ON s2.id = cs2.sample_id WHERE cs2.comparison_id = c.id AND (s2.generator_version_id IS NULL"
+            " OR NOT s2.generator_version_id = ANY(%s)))"
+        )
+        params.append(list(spec.generator_versions))
+    if spec.modality:
+        where.append(
+            "NOT EXISTS (SELECT 1 FROM annotate_comparisonsample cs3"
+            " JOIN annotate_sample s3 ON s3.id = cs3.sample_id WHERE cs3.comparison_id = c.id AND s3.modality <> %s)"
+        )
+        params.append(spec.modality)
+    sql = f"""
+        SELECT j.id, j.comparison_id, j.annotator_id, u.username, j.outcome, j.winner_id, j.ranking,
+               j.aspects, j.rationale, j.artifacts, j.displayed_order, j.time_spent_ms, j.source, j.created_at,
+               c.prompt_id, c.is_gold, c.gold_answer,
+               (SELECT array_agg(cs.sample_id ORDER BY cs.position) FROM annotate_comparisonsample cs
+                 WHERE cs.comparison_id = c.id)
+        FROM annotate_judgment j
+        JOIN annotate_comparison c ON c.id = j.comparison_id
+        JOIN auth_user u ON u.id = j.annotator_id
+        WHERE {" AND ".join(where)}
+        ORDER BY j.comparison_id, j.id
+    """
+    return sql, params
+
+
+def count_judgments(*, project: Project, spec: ExportSpec) -> int:
+    sql, params = _judgment_sql(project, spec)
+    with connection.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM ({sql}) q", params)
+        row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+@dataclass
+class _Vote:
+    id: int
+    annotator_id: int
+    username: str
+    outcome: str
+    winner: int | None
+    ranking: list[int] | None
+    aspects: dict[str, str]
+    rationale: str
+    artifacts: list[Any]
+    displayed: list[int]
+    time_spent_ms: int
+    source: str
+    created_at: dt.datetime
+
+
+@dataclass
+class _Comparison:
+    id: int
+    prompt_id: int
+    is_gold: bool
+    gold_answer: Any
+    samples: list[int]
+    votes: list[_Vote]
+
+
+def _comparisons(
+    project: Project, spec: ExportSpec
+) -> Iterator[tuple[list[_Comparison], dict[int, Any], dict]]:
+    """Yield (comparisons, samples by id, prompts by id) per chunk, from a server-side cursor."""
+    sql, params = _judgment_sql(project, spec)
+    cursor = connection.chunked_cursor()
+    try:
+        cursor.execute(sql, params)
+        pending: _Comparison | None = None
+        while True:
+            rows = cursor.fetchmany(CHUNK)
+            done: list[_Comparison] = []
+            for r in rows:
+                vote = _Vote(
+                    id=r[0],
+                    annotator_id=r[2],
+                    username=r[3],
+                    outcome=r[4],
+                    winner=r[5],
+                    ranking=_json(r[6]),
+                    aspects=_json(r[7]) or {},
+                    rationale=r[8],
+                    artifacts=_json(r[9]) or [],
+                    displayed=_json(r[10]) or [],
+                    time_spent_ms=r[11],
+                    source=r[12],
+                    created_at=r[13],
+                )
+                if pending is None or pending.id != r[1]:
+                    if pending is not None:
+                        done.append(pending)
+                    pending = _Comparison(
+                        id=r[1],
+                        prompt_id=r[14],
+                        is_gold=r[15],
+                        gold_answer=_json(r[16]),
+                        samples=list(r[17] or []),
+                        votes=[],
+                    )
+                pending.votes.append(vote)
+            if not rows and pending is not None:
+                done.append(pending)
+                pending = None
+            if done:
+                yield done, *_lookups(done, with_bytes=spec.media == "bytes")
+            if not rows:
+                return
+    finally:
+        cursor.close()
+
+
+def _lookups(comparisons: list[_Comparison], *, with_bytes: bool) -> tuple[dict[int, Any], dict[int, str]]:
+    sample_ids = sorted({sid for c in comparisons for sid in c.samples})
+    prompt_ids = sorted({c.prompt_id for c in comparisons})
+    samples: dict[int, Any] = {}
+    prompts: dict[int, str] = {}
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT s.id, s.modality, s.text, s.media, s.mime_type, s.content_hash, g.name, v.name"
+            " FROM annotate_sample s LEFT JOIN annotate_generatorversion v ON v.id = s.generator_version_id"
+            " LEFT JOIN annotate_generator g ON g.id = v.generator_id WHERE s.id = ANY(%s)",
+            [sample_ids],
+        )
+        for sid, modality, text, media, mime, chash, gen, ver in cur.fetchall():
+            samples[sid] = {
+                "id": sid,
+                "modality": modality,
+                "text": text,
+                "media": media,
+                "mime_type": mime,
+                "content_hash": chash,
+                "model": f"{gen}@{ver}" if gen else None,
+            }
+        cur.execute("SELECT id, text FROM annotate_prompt WHERE id = ANY(%s)", [prompt_ids])
+        prompts = dict(cur.fetchall())
+    if with_bytes:
+        from django.core.files.storage import default_storage
+
+        for s in samples.values():
+            if s["modality"] != "text" and s["media"]:
+                with default_storage.open(s["media"], "rb") as fh:
+                    s["bytes"] = fh.read()
+    return samples, prompts
+
+
+# --- Aggregation ---------------------------------------------------------------------------------
+def _tally(outcomes: Iterable[str]) -> Counter[str]:
+    return Counter(o for o in outcomes if o)
+
+
+def _majority(tally: Counter[str]) -> tuple[str, float]:
+    """The most voted outcome and its share. An A/B draw is a tie."""
+    total = sum(tally.values())
+    if not total:
+        return "", 0.0
+    best = max(tally.values())
+    leaders = sorted(o for o, n in tally.items() if n == best)
+    if len(leaders) == 1:
+        return leaders[0], best / total
+    if set(leaders) >= {"a", "b"} or "tie" in leaders:
+        return "tie", best / total
+    return leaders[0], best / total
+
+
+def _soft(tally: Counter[str]) -> tuple[float, float]:
+    """Share of A and of B among A/B/tie votes, ties counting half to each."""
+    decided = tally["a"] + tally["b"] + tally["tie"]
+    if not decided:
+        return 0.5, 0.5
+    a = (tally["a"] + 0.5 * tally["tie"]) / decided
+    return a, 1.0 - a
+
+
+def _outcome_of(vote: _Vote, aspect: str | None) -> str:
+    if aspect is None:
+        return vote.outcome
+    return vote.aspects.get(aspect, "")
+
+
+# --- Row builders --------------------------------------------------------------------------------
+class _Rows:
+    def __init__(self, spec: ExportSpec, project: Project) -> None:
+        self.spec = spec
+        self.project = project
+        self.aspect_keys = [a["key"] for a in project.aspects]
+        if spec.aspect is not None and spec.aspect not in self.aspect_keys:
+            raise Invalid(f"unknown aspect {spec.aspect!r}; this project has {self.aspect_keys}")
+
+    def media(self, sample: dict[str, Any]) -> Any:
+        if sample["modality"] == "text":
+            return sample["text"]
+        if self.spec.media == "bytes":
+            return sample["bytes"]
+        return f"{self.spec.base_url}/media/samples/{sample['id']}?v={sample['content_hash'][:12]}"
+
+    def rows(
+        self, c: _Comparison, samples: dict[int, Any], prompts: dict[int, str]
+    ) -> Iterator[dict[str, Any]]:
+        builder: Callable[..., Iterator[dict[str, Any]]] = getattr(self, f"_{self.spec.schema}")
+        if self.spec.aggregate == "none" or self.spec.schema == "raw":
+            groups = [[v] for v in c.votes]
+        else:
+            groups = [c.votes]
+        for votes in groups:
+            tally = _tally(_outcome_of(v, self.spec.aspect) for v in votes)
+            outcome, agreement = _majority(tally)
+            if self.spec.min_agreement is not None and agreement < self.spec.min_agreement:
+                continue
+            yield from builder(c, votes, tally, outcome, agreement, samples, prompts[c.prompt_id])
+
+    def _common(self, c: _Comparison, votes: list[_Vote], agreement: float) -> dict[str, Any]:
+        return {"comparison_id": c.id, "num_votes": len(votes), "agreement": round(agreement, 6)}
+
+    def _trl(self, c, votes, tally, outcome, agreement, samples, prompt):
+        if len(c.samples) != 2 or outcome not in ("a", "b"):
+            return
+        win, lose = (c.samples[0], c.samples[1]) if outcome == "a" else (c.samples[1], c.samples[0])
+        yield {"prompt": prompt, "chosen": self.media(samples[win]), "rejected": self.media(samples[lose])}
+
+    def _pickapic(self, c, votes, tally, outcome, agreement, samples, prompt):
+        if len(c.samples) != 2 or outcome in ("", "both_bad"):
+            return
+        s0, s1 = samples[c.samples[0]], samples[c.samples[1]]
+        if self.spec.aggregate == "soft":
+            label_0, label_1 = _soft(tally)
+        else:
+            label_0, label_1 = {"a": (1.0, 0.0), "b": (0.0, 1.0)}.get(outcome, (0.5, 0.5))
+        single = votes[0] if len(votes) == 1 else None
+        yield {
+            "caption": prompt,
+            "jpg_0": self.media(s0),
+            "jpg_1": self.media(s1),
+            "label_0": label_0,
+            "label_1": label_1,
+            "model_0": s0["model"],
+            "model_1": s1["model"],
+            "image_0_uid": s0["content_hash"],
+            "image_1_uid": s1["content_hash"],
+            "user_id": single.annotator_id if single else None,
+            "created_at": (single or votes[-1]).created_at.isoformat(),
+            "are_different": s0["content_hash"] != s1["content_hash"],
+            "has_label": True,
+            **self._common(c, votes, agreement),
+        }
+
+    def _aspects(self, c, votes, tally, outcome, agreement, samples, prompt):
+        names = {"a": "A", "b": "B", "tie": "same", "both_bad": "same"}
+        row = {
+            "prompt": prompt,
+            "sample_A": self.media(samples[c.samples[0]]),
+            "sample_B": self.media(samples[c.samples[1]]) if len(c.samples) > 1 else None,
+            "overall": names.get(_majority(_tally(v.outcome for v in votes))[0]),
+        }
+        for key in self.aspect_keys:
+            row[key] = names.get(_majority(_tally(v.aspects.get(key, "") for v in votes))[0])
+        yield {**row, **self._common(c, votes, agreement)}
+
+    def _ranking(self, c, votes, tally, outcome, agreement, samples, prompt):
+        # Borda count over the votes' rankings; pairwise wins are 2-rankings, ties/both-bad none.
+        points: Counter[int] = Counter()
+        counted = 0
+        for v in votes:
+            rank = v.ranking or (
+                [c.samples[0], c.samples[1]]
+                if v.outcome == "a"
+                else [c.samples[1], c.samples[0]]
+                if v.outcome == "b"
+                else None
+            )
+            if not rank:
+                continue
+            counted += 1
+            for pos, sid in enumerate(rank):
+                points[sid] += len(rank) - 1 - pos
+        if not counted:
+            return
+        order = sorted(c.samples, key=lambda sid: (-points[sid], c.samples.index(sid)))
+        yield {
+            "prompt": prompt,
+            "samples": [self.media(samples[sid]) for sid in c.samples],
+            "sample_ids": c.samples,
+            "ranking": order,
+            **self._common(c, votes, agreement),
+        }
+
+    def _raw(self, c, votes, tally, outcome, agreement, samples, prompt):
+        for v in votes:
+            yield {
+                "judgment_id": v.id,
+                "comparison_id": c.id,
+                "prompt": prompt,
+                "sample_ids": c.samples,
+                "samples": [self.media(samples[sid]) for sid in c.samples],
+                "models": [samples[sid]["model"] for sid in c.samples],
+                "annotator": v.username,
+                "annotator_id": v.annotator_id,
+                "outcome": v.outcome,
+                "winner": v.winner,
+                "ranking": v.ranking,
+                "displayed_order": v.displayed,
+                "aspects": v.aspects,
+                "artifacts": v.artifacts,
+                "rationale": v.rationale,
+                "time_spent_ms": v.time_spent_ms,
+                "source": v.source,
+                "is_gold": c.is_gold,
+                "gold_answer": c.gold_answer,
+                "created_at": v.created_at.isoformat(),
+            }
+
+
+def iter_rows(*, project: Project, spec: ExportSpec) -> Iterator[dict[str, Any]]:
+    """Every row of the export, streamed."""
+    builder = _Rows(spec, project)
+    for comparisons, samples, prompts in _comparisons(project, spec):
+        for c in comparisons:
+            yield from builder.rows(c, samples, prompts)
+
+
+# --- Writers -------------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return value
+
+
+def _jsonl(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    buf: list[str] = []
+    for row in rows:
+        buf.append(json.dumps({k: _plain(v) for k, v in row.items()}, ensure_ascii=False))
+        if len(buf) >= 500:
+            yield ("\n".join(buf) + "\n").encode()
+            buf = []
+    if buf:
+        yield ("\n".join(buf) + "\n").encode()
+
+
+def _csv(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    out = io.StringIO()
+    writer: csv.DictWriter[str] | None = None
+    for i, row in enumerate(rows):
+        flat = {
+            k: json.dumps(v, ensure_ascii=False) if isinstance(v, list | dict) else _plain(v)
+            for k, v in row.items()
+        }
+        if writer is None:
+            writer = csv.DictWriter(out, fieldnames=list(flat))
+            writer.writeheader()
+        writer.writerow(flat)
+        if i % 500 == 499:
+            yield out.getvalue().encode()
+            out.seek(0)
+            out.truncate()
+    if out.getvalue():
+        yield out.getvalue().encode()
+
+
+class _Drain(io.RawIOBase):
+    """A write-only sink whose bytes are taken out as they come (Parquet written as a stream)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        b = bytes(data)
+        self.chunks.append(b)
+        self.pos += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def take(self) -> bytes:
+        data = b"".join(self.chunks)
+        self.chunks = []
+        return data
+
+
+def arrow_schema(spec: ExportSpec, aspect_keys: list[str]) -> Any:
+    """The Parquet column types of each export schema (fixed, so that every row group agrees)."""
+    import pyarrow as pa
+
+    m = pa.binary() if spec.media == "bytes" else pa.string()
+    s, i, f, b = pa.string(), pa.int64(), pa.float64(), pa.bool_()
+    agg = [("comparison_id", i), ("num_votes", i), ("agreement", f)]
+    cols: dict[str, list[tuple[str, Any]]] = {
+        "trl": [("prompt", s), ("chosen", m), ("rejected", m)],
+        "pickapic": [
+            ("caption", s),
+            ("jpg_0", m),
+            ("jpg_1", m),
+            ("label_0", f),
+            ("label_1", f),
+            ("model_0", s),
+            ("model_1", s),
+            ("image_0_uid", s),
+            ("image_1_uid", s),
+            ("user_id", i),
+            ("created_at", s),
+            ("are_different", b),
+            ("has_label", b),
+            *agg,
+        ],
+        "aspects": [
+            ("prompt", s),
+            ("sample_A", m),
+            ("sample_B", m),
+            ("overall", s),
+            *[(k, s) for k in aspect_keys],
+            *agg,
+        ],
+        "ranking": [
+            ("prompt", s),
+            ("samples", pa.list_(m)),
+            ("sample_ids", pa.list_(i)),
+            ("ranking", pa.list_(i)),
+            *agg,
+        ],
+        "raw": [
+            ("judgment_id", i),
+            ("comparison_id", i),
+            ("prompt", s),
+            ("sample_ids", pa.list_(i)),
+            ("samples", pa.list_(m)),
+            ("models", pa.list_(s)),
+            ("annotator", s),
+            ("annotator_id", i),
+            ("outcome", s),
+            ("winner", i),
+            ("ranking", pa.list_(i)),
+            ("displayed_order", pa.list_(i)),
+            ("aspects", s),
+            ("artifacts", s),
+            ("rationale", s),
+            ("time_spent_ms", i),
+            ("source", s),
+            ("is_gold", b),
+            ("gold_answer", s),
+            ("created_at", s),
+        ],
+    }
+    return pa.schema(cols[spec.schema])
+
+
+def _arrow_value(value: Any, typ: Any) -> Any:
+    import pyarrow as pa
+
+    if value is None:
+        return None
+    if pa.types.is_string(typ) and isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    if pa.types.is_binary(typ) and isinstance(value, str):
+        return value.encode()  # a text sample in a bytes export
+    if pa.types.is_list(typ):
+        return [_arrow_value(v, typ.value_type) for v in value]
+    return value
+
+
+def _parquet(rows: Iterable[dict[str, Any]], schema: Any, row_group: int = 10_000) -> Iterator[bytes]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = _Drain()
+    writer = pq.ParquetWriter(sink, schema, compression="zstd")
+    types = {f.name: f.type for f in schema}
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if batch:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            batch.clear()
+
+    for row in rows:
+        batch.append({k: _arrow_value(row.get(k), t) for k, t in types.items()})
+        if len(batch) >= row_group:
+            flush()
+            yield sink.take()
+    flush()
+    writer.close()
+    yield sink.take()
+
+
+def _writer(project: Project, spec: ExportSpec) -> Callable[[Iterable[dict[str, Any]]], Iterator[bytes]]:
+    if spec.format == "parquet":
+        schema = arrow_schema(spec, [a["key"] for a in project.aspects])
+        return lambda rows: _parquet(rows, schema)
+    return {"jsonl": _jsonl, "csv": _csv}[spec.format]
+
+
+def stream(*, project: Project, spec: ExportSpec) -> Iterator[bytes]:
+    """The export as a byte stream in ``spec.format``."""
+    yield from _writer(project, spec)(iter_rows(project=project, spec=spec))
+
+
+def write(
+    *, project: Project, spec: ExportSpec, out: IO[bytes], progress: Callable[[int], None] | None = None
+) -> tuple[int, str, int]:
+    """Write the export to ``out``; returns (rows, sha256 of the bytes, size)."""
+    counter = {"rows": 0}
+
+    def counted(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for row in rows:
+            counter["rows"] += 1
+            if progress and counter["rows"] % 1000 == 0:
+                progress(counter["rows"])
+            yield row
+
+    h = hashlib.sha256()
+    size = 0
+    for chunk in _writer(project, spec)(counted(iter_rows(project=project, spec=spec))):
+        h.update(chunk)
+        size += len(chunk)
+        out.write(chunk)
+    if progress:
+        progress(counter["rows"])
+    return counter["rows"], h.hexdigest(), size

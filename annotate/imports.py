@@ -1,0 +1,492 @@
+"""Datasets in: samples in bulk (media + manifest) and existing preference data as judgments.
+
+Every import is all or nothing: rows are read and validated first, with errors naming the row,
+and only then written in one transaction. Media files written before a failure are removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.files.base import ContentFile
+from django.db import transaction
+
+from annotate.errors import Invalid, TooLarge
+from annotate.media import MediaError, MediaInfo, MediaTooLarge, inspect_media, inspect_text
+from annotate.models import (
+    Comparison,
+    ComparisonSample,
+    Judgment,
+    Modality,
+    Project,
+    ProjectMember,
+    Sample,
+)
+from annotate.selectors import member_role_require
+from annotate.services import generator_version_get_or_create, prompt_get_or_create
+
+Progress = Callable[[int], None] | None
+MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
+
+
+@dataclass
+class ImportResult:
+    rows: int = 0
+    created: int = 0
+    duplicates: int = 0
+    comparisons: int = 0
+    judgments: int = 0
+    sample_ids: list[int] = field(default_factory=list)
+
+
+# --- Sources: a zip file or a folder -------------------------------------------------------------
+class _Source:
+    """Files of an upload, addressed by relative POSIX path; nothing outside it is reachable."""
+
+    def __init__(self, path_or_file: Path | IO[bytes]) -> None:
+        self.zip: zipfile.ZipFile | None = None
+        self.root: Path | None = None
+        if isinstance(path_or_file, Path) and path_or_file.is_dir():
+            self.root = path_or_file.resolve()
+        else:
+            try:
+                self.zip = zipfile.ZipFile(path_or_file)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise Invalid(
+                    "the upload is not a zip file (expected a .zip with a manifest and media)"
+                ) from exc
+
+    def _safe(self, name: str, row: int) -> str:
+        p = PurePosixPath(name.replace("\\", "/"))
+        if not name or p.is_absolute() or ".." in p.parts:
+            raise Invalid(f"row {row}: path {name!r} points outside the upload", details={"row": row})
+        return str(p)
+
+    def read(self, name: str, row: int, limit: int) -> bytes:
+        rel = self._safe(name, row)
+        if self.zip is not None:
+            try:
+                info = self.zip.getinfo(rel)
+            except KeyError as exc:
+                raise Invalid(f"row {row}: {rel!r} is not in the upload", details={"row": row}) from exc
+            if info.file_size > limit:
+                raise TooLarge(
+                    f"row {row}: {rel} is {info.file_size} bytes; the limit is {limit}", details={"row": row}
+                )
+            with self.zip.open(info) as fh:
+                data = fh.read(limit + 1)
+        else:
+            assert self.root is not None
+            target = (self.root / rel).resolve()
+            if not target.is_relative_to(self.root):  # a symlink leading out
+                raise Invalid(f"row {row}: path {name!r} points outside the upload", details={"row": row})
+            if not target.is_file():
+                raise Invalid(f"row {row}: {rel!r} is not in the upload", details={"row": row})
+            with target.open("rb") as fh:
+                data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise TooLarge(f"row {row}: {rel} is over the {limit}-byte limit", details={"row": row})
+        return data
+
+    def manifest(self, name: str | None) -> tuple[str, str]:
+        names = [name] if name else list(MANIFEST_NAMES)
+        for n in names:
+            try:
+                return n, self.read(n, 0, 512 * 1024 * 1024).decode("utf-8-sig")
+            except Invalid:
+                continue
+            except UnicodeDecodeError as exc:
+                raise Invalid(f"{n} is not UTF-8 text") from exc
+        raise Invalid(f"no manifest in the upload (expected {' or '.join(names)} at its top level)")
+
+
+def _manifest_rows(name: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    if name.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text))
+        for i, row in enumerate(reader, start=1):
+            yield i, {k.strip(): (v if v != "" else None) for k, v in row.items() if k}
+        return
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise Invalid(f"row {i}: not valid JSON ({exc.msg})", details={"row": i}) from exc
+        if not isinstance(row, dict):
+            raise Invalid(f"row {i}: expected a JSON object", details={"row": i})
+        yield i, row
+
+
+# --- Samples in bulk -----------------------------------------------------------------------------
+def samples_import(
+    *,
+    project: Project,
+    actor: Any,
+    source: Path | IO[bytes],
+    manifest: str | None = None,
+    progress: Progress = None,
+) -> ImportResult:
+    """Import samples from a zip (or, from the CLI, a folder) holding ``manifest.jsonl`` or
+    ``manifest.csv`` with columns ``prompt``, ``path`` (media) or ``text``, and optionally
+    ``generator``, ``generator_version``, ``metadata``. Duplicates (same content hash) are
+    counted, not stored twice."""
+    member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
+    src = _Source(source)
+    name, text = src.manifest(manifest)
+    limit = max(settings.RL_MAX_IMAGE_BYTES, settings.RL_MAX_VIDEO_BYTES)
+    planned: list[tuple[int, dict[str, Any], MediaInfo, bytes | None]] = []
+    seen: set[str] = set()
+    result = ImportResult()
+    for i, row in _manifest_rows(name, text):
+        result.rows += 1
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise Invalid(f"row {i}: missing column 'prompt'", details={"row": i})
+        meta = row.get("metadata") or {}
+        if isinstance(meta, str):
+            try:
+                meta = json.loads(meta)
+            except json.JSONDecodeError as exc:
+                raise Invalid(f"row {i}: 'metadata' is not a JSON object", details={"row": i}) from exc
+        if not isinstance(meta, dict):
+            raise Invalid(f"row {i}: 'metadata' is not a JSON object", details={"row": i})
+        row["metadata"] = meta
+        data: bytes | None = None
+        try:
+            if row.get("path"):
+                data = src.read(str(row["path"]), i, limit)
+                info = inspect_media(io.BytesIO(data))
+            elif isinstance(row.get("text"), str):
+                info = inspect_text(row["text"])
+            else:
+                raise Invalid(f"row {i}: needs a 'path' (image/video) or a 'text' column", details={"row": i})
+        except MediaTooLarge as exc:
+            raise TooLarge(f"row {i}: {exc}", details={"row": i}) from exc
+        except MediaError as exc:
+            raise Invalid(f"row {i}: {row.get('path') or 'text'}: {exc}", details={"row": i}) from exc
+        if project.modality and info.modality != project.modality:
+            raise Invalid(
+                f"row {i}: this project takes {project.modality} samples, not {info.modality}",
+                details={"row": i},
+            )
+        if info.content_hash in seen:
+            result.duplicates += 1
+            continue
+        seen.add(info.content_hash)
+        planned.append((i, row, info, data))
+        if progress:
+            progress(result.rows)
+    existing = set(
+        Sample.objects.filter(
+            project=project, content_hash__in=[p[2].content_hash for p in planned]
+        ).values_list("content_hash", flat=True)
+    )
+    written: list[Sample] = []
+    try:
+        with transaction.atomic():
+            for _i, row, info, data in planned:
+                if info.content_hash in existing:
+                    result.duplicates += 1
+                    continue
+                sample = Sample(
+                    project=project,
+                    prompt=prompt_get_or_create(project=project, text=row["prompt"]),
+                    generator_version=generator_version_get_or_create(
+                        generator=str(row.get("generator") or ""),
+                        version=str(row.get("generator_version") or ""),
+                    ),
+                    modality=info.modality,
+                    mime_type=info.mime_type,
+                    text=(row.get("text") or "") if data is None else "",
+                    content_hash=info.content_hash,
+                    byte_size=info.byte_size,
+                    width=info.width,
+                    height=info.height,
+                    duration=info.duration,
+                    frames=info.frames,
+                    fps=info.fps,
+                    metadata={**info.extra, **row["metadata"]},
+                )
+                if data is not None:
+                    sample.media.save(f"import.{info.extension}", ContentFile(data), save=False)
+                    written.append(sample)
+                sample.save()
+                result.created += 1
+                result.sample_ids.append(sample.id)
+    except BaseException:
+        for s in written:
+            s.media.delete(save=False)
+        raise
+    return result
+
+
+# --- Preferences ---------------------------------------------------------------------------------
+def _import_user(kind: str) -> Any:
+    user, _ = get_user_model().objects.get_or_create(
+        username=f"import-{kind}", defaults={"is_active": False, "email": ""}
+    )
+    return user
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _as_text(value: Any) -> str:
+    """A TRL string, or a conversation (list of messages) rendered as markdown."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        return "\n\n".join(
+            str(m["content"])
+            if m.get("role") in (None, "assistant")
+            else f"**{m.get('role')}:** {m['content']}"
+            for m in value
+        )
+    raise ValueError("expected a string or a list of {role, content} messages")
+
+
+def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """TRL's implicit-prompt format: chosen and rejected share the conversation prefix, which is
+    the prompt. Conversations split at the last shared message; strings at the shared prefix,
+    backed off to a whitespace boundary so no word is cut."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        k = 0
+        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+            k += 1
+        return chosen[:k], chosen[k:], rejected[k:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        k = _common_prefix(chosen, rejected)
+        while k > 0 and not chosen[k - 1].isspace():
+            k -= 1
+        return chosen[:k], chosen[k:], rejected[k:]
+    raise ValueError("chosen and rejected must both be strings or both be conversations")
+
+
+@dataclass
+class _Pair:
+    row: int
+    prompt: str
+    first: tuple[MediaInfo, str | bytes]
+    second: tuple[MediaInfo, str | bytes]
+    outcome: str  # a, b or tie, in (first, second) order
+    models: tuple[str, str] = ("", "")
+
+
+def _trl_pairs(fh: IO[bytes]) -> Iterator[_Pair]:
+    for i, raw in enumerate(io.TextIOWrapper(fh, encoding="utf-8"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise Invalid(f"row {i}: not valid JSON ({exc.msg})", details={"row": i}) from exc
+        if not isinstance(row, dict):
+            raise Invalid(f"row {i}: expected a JSON object", details={"row": i})
+        missing = [k for k in ("chosen", "rejected") if k not in row]
+        if missing:
+            raise Invalid(f"row {i}: missing column(s) {', '.join(missing)}", details={"row": i})
+        try:
+            if "prompt" in row and row["prompt"] not in (None, ""):
+                prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+            else:
+                prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+            prompt_text, chosen_text, rejected_text = _as_text(prompt), _as_text(chosen), _as_text(rejected)
+        except ValueError as exc:
+            raise Invalid(f"row {i}: {exc}", details={"row": i}) from exc
+        if not prompt_text.strip():
+            raise Invalid(
+                f"row {i}: empty prompt (no explicit 'prompt' and no shared prefix)", details={"row": i}
+            )
+        try:
+            first = (inspect_text(chosen_text), chosen_text)
+            second = (inspect_text(rejected_text), rejected_text)
+        except MediaError as exc:
+            raise Invalid(f"row {i}: {exc}", details={"row": i}) from exc
+        yield _Pair(i, prompt_text, first, second, "a")
+
+
+def _pickapic_pairs(fh: IO[bytes]) -> Iterator[_Pair]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    head = fh.read(4)
+    fh.seek(0)
+    if head != b"PAR1":
+        raise Invalid("the file is not Parquet (a Pick-a-Pic style .parquet file is expected)")
+    try:
+        pf = pq.ParquetFile(fh)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise Invalid(f"unreadable Parquet file: {exc}") from exc
+    need = {"caption", "jpg_0", "jpg_1", "label_0", "label_1"}
+    missing = need - set(pf.schema_arrow.names)
+    if missing:
+        raise Invalid(
+            f"missing column(s) {', '.join(sorted(missing))}; Pick-a-Pic needs {', '.join(sorted(need))}"
+        )
+    row = 0
+    for batch in pf.iter_batches(batch_size=256):
+        for rec in batch.to_pylist():
+            row += 1
+            l0, l1 = rec.get("label_0"), rec.get("label_1")
+            if l0 is None or l1 is None:
+                raise Invalid(f"row {row}: label_0/label_1 missing", details={"row": row})
+            outcome = "a" if l0 > l1 else "b" if l1 > l0 else "tie"
+            images = []
+            for col in ("jpg_0", "jpg_1"):
+                data = rec.get(col)
+                if not isinstance(data, bytes | bytearray):
+                    raise Invalid(f"row {row}: {col} must hold the image bytes", details={"row": row})
+                try:
+                    images.append((inspect_media(io.BytesIO(data)), bytes(data)))
+                except MediaTooLarge as exc:
+                    raise TooLarge(f"row {row}: {col}: {exc}", details={"row": row}) from exc
+                except MediaError as exc:
+                    raise Invalid(f"row {row}: {col}: {exc}", details={"row": row}) from exc
+            caption = rec.get("caption")
+            if not isinstance(caption, str) or not caption.strip():
+                raise Invalid(f"row {row}: empty caption", details={"row": row})
+            yield _Pair(
+                row,
+                caption,
+                images[0],
+                images[1],
+                outcome,
+                (str(rec.get("model_0") or ""), str(rec.get("model_1") or "")),
+            )
+
+
+def preferences_import(
+    *, project: Project, actor: Any, fmt: str, file: IO[bytes], progress: Progress = None
+) -> ImportResult:
+    """Import existing preference data as judgments (source ``import``): TRL-style JSONL (text)
+    or Pick-a-Pic-style Parquet (image bytes inside). Each row becomes two samples (deduplicated
+    by content), a completed comparison and one judgment by the ``import-<format>`` user."""
+    member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
+    if fmt not in ("trl", "pickapic"):
+        raise Invalid("format must be trl or pickapic")
+    modality = Modality.TEXT if fmt == "trl" else Modality.IMAGE
+    if project.modality and project.modality != modality:
+        raise Invalid(f"this project takes {project.modality} samples; {fmt} data is {modality}")
+    if project.k != 2:
+        raise Invalid("preference imports need a pairwise project")
+    pairs = list(_trl_pairs(file) if fmt == "trl" else _pickapic_pairs(file))
+    if not pairs:
+        raise Invalid("the file holds no rows")
+    for p in pairs:
+        if p.first[0].content_hash == p.second[0].content_hash:
+            raise Invalid(f"row {p.row}: both sides are the same content", details={"row": p.row})
+        if p.outcome == "tie" and not project.allow_tie:
+            raise Invalid(f"row {p.row}: a tie, and this project does not allow ties", details={"row": p.row})
+    user = _import_user(fmt)
+    result = ImportResult(rows=len(pairs))
+    written: list[Sample] = []
+    try:
+        with transaction.atomic():
+            ProjectMember.objects.get_or_create(project=project, user=user, defaults={"role": "annotator"})
+            by_hash = dict(
+                Sample.objects.filter(
+                    project=project,
+                    content_hash__in={
+                        h for p in pairs for h in (p.first[0].content_hash, p.second[0].content_hash)
+                    },
+                ).values_list("content_hash", "id")
+            )
+            for n, p in enumerate(pairs, start=1):
+                prompt = prompt_get_or_create(project=project, text=p.prompt)
+                ids = []
+                for (info, payload), model in zip((p.first, p.second), p.models, strict=True):
+                    sid = by_hash.get(info.content_hash)
+                    if sid is None:
+                        gen, _, ver = model.partition("@")
+                        s = Sample(
+                            project=project,
+                            prompt=prompt,
+                            modality=info.modality,
+                            mime_type=info.mime_type,
+                            text=payload if isinstance(payload, str) else "",
+                            content_hash=info.content_hash,
+                            byte_size=info.byte_size,
+                            width=info.width,
+                            height=info.height,
+                            generator_version=generator_version_get_or_create(generator=gen, version=ver),
+                            metadata={"import": fmt, "row": p.row},
+                        )
+                        if isinstance(payload, bytes):
+                            s.media.save(f"import.{info.extension}", ContentFile(payload), save=False)
+                            written.append(s)
+                        s.save()
+                        sid = by_hash[info.content_hash] = s.id
+                        result.created += 1
+                    else:
+                        result.duplicates += 1
+                        if Sample.objects.filter(id=sid).values_list("prompt_id", flat=True)[0] != prompt.id:
+                            raise Invalid(
+                                f"row {p.row}: this output is already stored under another prompt",
+                                details={"row": p.row},
+                            )
+                    ids.append(sid)
+                c = Comparison.objects.create(
+                    project=project,
+                    prompt=prompt,
+                    origin=Comparison.Origin.IMPORT,
+                    overlap=1,
+                    slots_taken=1,
+                    judgments_count=1,
+                    status=Comparison.Status.COMPLETE,
+                )
+                ComparisonSample.objects.bulk_create(
+                    [
+                        ComparisonSample(comparison=c, sample_id=sid, prompt=prompt, position=pos)
+                        for pos, sid in enumerate(ids)
+                    ]
+                )
+                Judgment.objects.create(
+                    project=project,
+                    comparison=c,
+                    annotator=user,
+                    outcome=p.outcome,
+                    winner_id={"a": ids[0], "b": ids[1]}.get(p.outcome),
+                    displayed_order=ids,
+                    source=Judgment.Source.IMPORT,
+                )
+                result.comparisons += 1
+                result.judgments += 1
+                if progress:
+                    progress(n)
+    except BaseException:
+        for s in written:
+            s.media.delete(save=False)
+        raise
+    return result
+
+
+def project_for_import(*, slug: str, actor: Any, fmt: str) -> Project:
+    """The project to import into; created (with the actor as manager) when it does not exist."""
+    from annotate.services import project_create
+
+    project = Project.objects.filter(slug=slug).first()
+    if project is not None:
+        return project
+    modality = Modality.TEXT if fmt == "trl" else Modality.IMAGE
+    return project_create(creator=actor, slug=slug, name=slug, modality=modality)
+
+
+def pairs_from_rows(rows: Sequence[dict[str, Any]]) -> bytes:
+    """TRL JSONL bytes for a list of {prompt, chosen, rejected} dicts (tests and tools)."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
