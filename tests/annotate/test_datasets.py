@@ -140,18 +140,18 @@ def test_export_api_streams_all_formats(voted: Any, manager: Any) -> None:
     r = c.get("/api/projects/votes/export/?schema=raw&format=jsonl")
     assert r.status_code == 200
     assert r["Content-Type"] == "application/x-ndjson"
-    lines = b"".join(r.streaming_content).decode().splitlines()
+    lines = r.getvalue().decode().splitlines()
     assert len(lines) == 6
     first = json.loads(lines[0])
     assert {"annotator", "displayed_order", "time_spent_ms", "aspects", "artifacts", "rationale"} <= set(
         first
     )
     r = c.get("/api/projects/votes/export/?schema=pickapic&format=parquet&aggregate=soft")
-    table = pq.read_table(io.BytesIO(b"".join(r.streaming_content)))
+    table = pq.read_table(io.BytesIO(r.getvalue()))
     assert table.num_rows == 2
     assert table.schema.field("label_0").type == pa.float64()
     r = c.get("/api/projects/votes/export/?schema=trl&format=csv")
-    text = b"".join(r.streaming_content).decode()
+    text = r.getvalue().decode()
     assert text.splitlines() == ["prompt,chosen,rejected", "prompt 0,answer A0,answer B0"]
     bad = c.get("/api/projects/votes/export/?schema=nope")
     assert bad.status_code == 400
@@ -198,7 +198,7 @@ def test_snapshot_is_built_on_celery_and_content_hashed(
     assert detail["status"] == "done"
     assert detail["row_count"] == 2
     assert detail["rows_expected"] == 6
-    body = b"".join(c.get(detail["download"]).streaming_content)
+    body = c.get(detail["download"]).getvalue()
     import hashlib
 
     assert hashlib.sha256(body).hexdigest() == detail["sha256"]
