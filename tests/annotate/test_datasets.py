@@ -125,9 +125,9 @@ def test_aspects_schema(make_user: Any, make_project: Any, text_pairs: Any) -> N
         aspects={"alignment": "left", "fidelity": "tie"},
     )
     (row,) = _rows(project, schema="aspects")
-    left_is_a = (
-        lease.display_order[0] == Comparison.objects.get(id=lease.comparison_id).entries.first().sample_id
-    )
+    first = Comparison.objects.get(id=lease.comparison_id).entries.first()
+    assert first is not None
+    left_is_a = lease.display_order[0] == first.sample_id
     assert row["overall"] == "same"
     assert row["alignment"] == ("A" if left_is_a else "B")
     assert row["fidelity"] == "same"
