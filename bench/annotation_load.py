@@ -195,6 +195,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
         ComparisonSample,
         Generator,
         GeneratorVersion,
+        Judgment,
         Modality,
         Project,
         ProjectMember,
@@ -239,6 +240,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
             versions.append(gv)
 
         total_rows = m * 6  # prompts, 2 samples, comparisons, 2 comparison-sample rows per comparison
+        if getattr(args, "judged", False):
+            total_rows += m * args.overlap
         now = timezone.now()
         pid, gva, gvb = project.id, versions[0].id, versions[1].id
         prompt_rows = _Copier(Prompt, ["id", "project_id", "text", "text_hash"], now=now)
@@ -257,8 +260,27 @@ def cmd_seed(args: argparse.Namespace) -> int:
             ],
             now=now,
         )
+        judged = bool(getattr(args, "judged", False))
         comparison_rows = _Copier(
-            Comparison, ["id", "project_id", "prompt_id", "priority", "origin", "overlap"], now=now
+            Comparison,
+            ["id", "project_id", "prompt_id", "priority", "origin", "overlap"]
+            + (["slots_taken", "judgments_count", "status"] if judged else []),
+            now=now,
+        )
+        judgment_rows = _Copier(
+            Judgment,
+            [
+                "id",
+                "project_id",
+                "comparison_id",
+                "annotator_id",
+                "outcome",
+                "winner_id",
+                "displayed_order",
+                "time_spent_ms",
+                "source",
+            ],
+            now=now,
         )
         entry_rows = _Copier(
             ComparisonSample, ["id", "comparison_id", "sample_id", "prompt_id", "position"], now=now
@@ -316,6 +338,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
                             Comparison.Origin.RANDOM.value,
                             args.overlap,
                         )
+                        + ((args.overlap, args.overlap, Comparison.Status.COMPLETE.value) if judged else ())
                         for cid, prompt_id in zip(comparison_ids, prompt_ids, strict=True)
                     ],
                 )
@@ -330,6 +353,32 @@ def cmd_seed(args: argparse.Namespace) -> int:
                     entries += [(next(entry_ids), cid, sid, prompt_id, pos) for pos, sid in enumerate(pair)]
                 entry_rows.copy(cur, entries)
                 bar.update(2 * n)
+                if judged:
+                    # Every comparison fully judged by the first `overlap` annotators (export benchmark).
+                    judgment_ids = iter(_reserve_ids(cur, Judgment, n * args.overlap))
+                    rows = []
+                    for j, cid in enumerate(comparison_ids):
+                        pair = [entries[2 * j][2], entries[2 * j + 1][2]]
+                        for a in annotators[: args.overlap]:
+                            pick = rng.random()
+                            outcome = "a" if pick < 0.45 else "b" if pick < 0.9 else "tie"
+                            winner = pair[0] if outcome == "a" else pair[1] if outcome == "b" else None
+                            shown = pair if rng.random() < 0.5 else pair[::-1]
+                            rows.append(
+                                (
+                                    next(judgment_ids),
+                                    pid,
+                                    cid,
+                                    a.id,
+                                    outcome,
+                                    winner,
+                                    json.dumps(shown),
+                                    rng.randint(500, 9000),
+                                    "simulated",
+                                )
+                            )
+                    judgment_rows.copy(cur, rows)
+                    bar.update(len(rows))
             cur.close()
         copied = time.perf_counter()
 
@@ -340,7 +389,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     committed = time.perf_counter()
     # Fresh statistics, or the planner may not use the open-queue index on the first requests.
     with connection.cursor() as cur:
-        for model in (Prompt, Sample, Comparison, ComparisonSample, ProjectMember):
+        for model in (Prompt, Sample, Comparison, ComparisonSample, ProjectMember, Judgment):
             cur.execute(f"ANALYZE {connection.ops.quote_name(model._meta.db_table)}")
     elapsed = time.perf_counter() - t0
     analyzed = time.perf_counter() - committed
