@@ -5,6 +5,7 @@ from annotate.models import (
     Assignment,
     Comparison,
     ComparisonSample,
+    DatasetSnapshot,
     Generator,
     GeneratorVersion,
     Judgment,
@@ -133,3 +134,25 @@ class JudgmentAdmin(admin.ModelAdmin):
     list_filter = ["outcome", "source", "project"]
     raw_id_fields = ["comparison", "annotator", "assignment", "winner"]
     show_full_result_count = False
+
+
+@admin.register(DatasetSnapshot)
+class DatasetSnapshotAdmin(admin.ModelAdmin):
+    """Snapshots are immutable: visible here, never edited."""
+
+    list_display = [
+        "id",
+        "project",
+        "name",
+        "status",
+        "rows_written",
+        "rows_expected",
+        "row_count",
+        "sha256",
+        "created_at",
+    ]
+    list_filter = ["status", "project"]
+    readonly_fields = [f.name for f in DatasetSnapshot._meta.fields]
+
+    def has_change_permission(self, request, obj=None):
+        return False

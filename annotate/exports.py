@@ -31,9 +31,10 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import IO, Any
 
-from django.db import connection
+from django.db import connection, transaction
 
 from annotate.errors import Invalid
 from annotate.models import Project
@@ -213,15 +214,21 @@ def _judgment_sql(project: Project, spec: ExportSpec) -> tuple[str, list[Any]]:
             " JOIN annotate_sample s3 ON s3.id = cs3.sample_id WHERE cs3.comparison_id = c.id AND s3.modality <> %s)"
         )
         params.append(spec.modality)
+    raw = spec.schema == "raw"
+    needs_aspects = raw or spec.schema == "aspects" or spec.aspect is not None
+
+    def col(expr: str, needed: bool) -> str:
+        # Columns a schema does not use are not read at all (the JSON ones cost most).
+        return expr if needed else "NULL"
+
     sql = f"""
-        SELECT j.id, j.comparison_id, j.annotator_id, u.username, j.outcome, j.winner_id, j.ranking,
-               j.aspects, j.rationale, j.artifacts, j.displayed_order, j.time_spent_ms, j.source, j.created_at,
-               c.prompt_id, c.is_gold, c.gold_answer,
-               (SELECT array_agg(cs.sample_id ORDER BY cs.position) FROM annotate_comparisonsample cs
-                 WHERE cs.comparison_id = c.id)
+        SELECT j.id, j.comparison_id, j.annotator_id, {col("u.username", raw)}, j.outcome, j.winner_id,
+               {col("j.ranking", raw or spec.schema == "ranking")}, {col("j.aspects", needs_aspects)},
+               {col("j.rationale", raw)}, {col("j.artifacts", raw)}, {col("j.displayed_order", raw)},
+               j.time_spent_ms, j.source, {col("j.created_at", raw or spec.schema == "pickapic")}, c.prompt_id, c.is_gold, {col("c.gold_answer", raw)}
         FROM annotate_judgment j
         JOIN annotate_comparison c ON c.id = j.comparison_id
-        JOIN auth_user u ON u.id = j.annotator_id
+        {"JOIN auth_user u ON u.id = j.annotator_id" if raw else ""}
         WHERE {" AND ".join(where)}
         ORDER BY j.comparison_id, j.id
     """
@@ -240,21 +247,23 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-@dataclass
-class _Vote:
-    id: int
-    annotator_id: int
-    username: str
-    outcome: str
-    winner: int | None
-    ranking: list[int] | None
-    aspects: dict[str, str]
-    rationale: str
-    artifacts: list[Any]
-    displayed: list[int]
-    time_spent_ms: int
-    source: str
-    created_at: dt.datetime
+class _Vote(tuple):
+    """One judgment row as the cursor returned it; JSON columns are parsed only when read."""
+
+    __slots__ = ()
+    id = property(itemgetter(0))
+    annotator_id = property(itemgetter(2))
+    username = property(itemgetter(3))
+    outcome = property(itemgetter(4))
+    winner = property(itemgetter(5))
+    ranking = property(lambda self: _json(self[6]))
+    aspects = property(lambda self: _json(self[7]) or {})
+    rationale = property(itemgetter(8))
+    artifacts = property(lambda self: _json(self[9]) or [])
+    displayed = property(lambda self: _json(self[10]) or [])
+    time_spent_ms = property(itemgetter(11))
+    source = property(itemgetter(12))
+    created_at = property(itemgetter(13))
 
 
 @dataclass
@@ -270,8 +279,23 @@ class _Comparison:
 def _comparisons(
     project: Project, spec: ExportSpec
 ) -> Iterator[tuple[list[_Comparison], dict[int, Any], dict]]:
-    """Yield (comparisons, samples by id, prompts by id) per chunk, from a server-side cursor."""
+    """Yield (comparisons, samples by id, prompts by id) per chunk, from a server-side cursor.
+
+    The export runs in one REPEATABLE READ transaction: every row comes from the same snapshot,
+    and the cursor is a plain (not WITH HOLD) one, which PostgreSQL streams instead of
+    materialising the whole result before the first row."""
     sql, params = _judgment_sql(project, spec)
+    outermost = not connection.in_atomic_block
+    with transaction.atomic():
+        if outermost:  # inside a caller's transaction (tests, snapshots in a task) its level holds
+            with connection.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield from _chunks(sql, params, spec)
+
+
+def _chunks(
+    sql: str, params: list[Any], spec: ExportSpec
+) -> Iterator[tuple[list[_Comparison], dict[int, Any], dict]]:
     cursor = connection.chunked_cursor()
     try:
         cursor.execute(sql, params)
@@ -280,21 +304,7 @@ def _comparisons(
             rows = cursor.fetchmany(CHUNK)
             done: list[_Comparison] = []
             for r in rows:
-                vote = _Vote(
-                    id=r[0],
-                    annotator_id=r[2],
-                    username=r[3],
-                    outcome=r[4],
-                    winner=r[5],
-                    ranking=_json(r[6]),
-                    aspects=_json(r[7]) or {},
-                    rationale=r[8],
-                    artifacts=_json(r[9]) or [],
-                    displayed=_json(r[10]) or [],
-                    time_spent_ms=r[11],
-                    source=r[12],
-                    created_at=r[13],
-                )
+                vote = _Vote(r)
                 if pending is None or pending.id != r[1]:
                     if pending is not None:
                         done.append(pending)
@@ -303,7 +313,7 @@ def _comparisons(
                         prompt_id=r[14],
                         is_gold=r[15],
                         gold_answer=_json(r[16]),
-                        samples=list(r[17] or []),
+                        samples=[],
                         votes=[],
                     )
                 pending.votes.append(vote)
@@ -319,11 +329,20 @@ def _comparisons(
 
 
 def _lookups(comparisons: list[_Comparison], *, with_bytes: bool) -> tuple[dict[int, Any], dict[int, str]]:
-    sample_ids = sorted({sid for c in comparisons for sid in c.samples})
+    """The samples (canonical order per comparison) and prompts one chunk needs: two queries."""
     prompt_ids = sorted({c.prompt_id for c in comparisons})
     samples: dict[int, Any] = {}
     prompts: dict[int, str] = {}
     with connection.cursor() as cur:
+        cur.execute(
+            "SELECT comparison_id, array_agg(sample_id ORDER BY position) FROM annotate_comparisonsample"
+            " WHERE comparison_id = ANY(%s) GROUP BY comparison_id",
+            [[c.id for c in comparisons]],
+        )
+        order = dict(cur.fetchall())
+        for c in comparisons:
+            c.samples = list(order.get(c.id) or [])
+        sample_ids = sorted({sid for c in comparisons for sid in c.samples})
         cur.execute(
             "SELECT s.id, s.modality, s.text, s.media, s.mime_type, s.content_hash, g.name, v.name"
             " FROM annotate_sample s LEFT JOIN annotate_generatorversion v ON v.id = s.generator_version_id"
@@ -411,8 +430,13 @@ class _Rows:
         else:
             groups = [c.votes]
         for votes in groups:
-            tally = _tally(_outcome_of(v, self.spec.aspect) for v in votes)
-            outcome, agreement = _majority(tally)
+            if len(votes) == 1:  # no aggregation to do: the common case of aggregate=none
+                outcome = _outcome_of(votes[0], self.spec.aspect) or ""
+                tally = Counter({outcome: 1} if outcome else {})
+                agreement = 1.0 if outcome else 0.0
+            else:
+                tally = _tally(_outcome_of(v, self.spec.aspect) for v in votes)
+                outcome, agreement = _majority(tally)
             if self.spec.min_agreement is not None and agreement < self.spec.min_agreement:
                 continue
             yield from builder(c, votes, tally, outcome, agreement, samples, prompts[c.prompt_id])
@@ -533,15 +557,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _jsonl(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
-    buf: list[str] = []
+def _jsonl(rows: Iterable[dict[str, Any]], *, binary: bool = False) -> Iterator[bytes]:
+    import orjson
+
+    buf: list[bytes] = []
     for row in rows:
-        buf.append(json.dumps({k: _plain(v) for k, v in row.items()}, ensure_ascii=False))
-        if len(buf) >= 500:
-            yield ("\n".join(buf) + "\n").encode()
+        if binary:
+            row = {k: _plain(v) for k, v in row.items()}
+        buf.append(orjson.dumps(row))
+        if len(buf) >= 1000:
+            buf.append(b"")
+            yield b"\n".join(buf)
             buf = []
     if buf:
-        yield ("\n".join(buf) + "\n").encode()
+        buf.append(b"")
+        yield b"\n".join(buf)
 
 
 def _csv(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
@@ -697,7 +727,9 @@ def _writer(project: Project, spec: ExportSpec) -> Callable[[Iterable[dict[str, 
     if spec.format == "parquet":
         schema = arrow_schema(spec, [a["key"] for a in project.aspects])
         return lambda rows: _parquet(rows, schema)
-    return {"jsonl": _jsonl, "csv": _csv}[spec.format]
+    if spec.format == "jsonl":
+        return lambda rows: _jsonl(rows, binary=spec.media == "bytes")
+    return _csv
 
 
 def stream(*, project: Project, spec: ExportSpec) -> Iterator[bytes]:

@@ -336,6 +336,8 @@ class Judgment(models.Model):
         indexes = [
             models.Index(fields=["project", "created_at"], name="judgment_project_time"),
             models.Index(fields=["annotator", "created_at"], name="judgment_annotator_time"),
+            # Exports stream judgments in comparison order: this index makes that a scan, no sort.
+            models.Index(fields=["project", "comparison", "id"], name="judgment_export_order"),
         ]
 
     def __str__(self) -> str:

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import IO, Any
 
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.cache import cache
 from django.core.files.base import ContentFile
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F
@@ -839,6 +840,10 @@ def snapshot_create(
     return snap
 
 
+def snapshot_progress_key(snapshot_id: int) -> str:
+    return f"snapshot:{snapshot_id}:rows"
+
+
 def snapshot_build(*, snapshot_id: int, progress: Any = None) -> DatasetSnapshot:
     """Write a snapshot's file once. Safe to call again: a built snapshot is never rewritten."""
     import tempfile
@@ -857,7 +862,9 @@ def snapshot_build(*, snapshot_id: int, progress: Any = None) -> DatasetSnapshot
     spec = exports.spec_from_dict(spec_dict)
 
     def report(rows: int) -> None:
-        DatasetSnapshot.objects.filter(id=snap.id).update(rows_written=rows)
+        # The export reads inside its own snapshot transaction, so progress goes to the cache,
+        # where the API reads it while the build runs.
+        cache.set(snapshot_progress_key(snap.id), rows, timeout=24 * 3600)
         if progress is not None:
             progress(rows)
 

@@ -12,10 +12,12 @@ the peak resident memory of the server's web processes while it streams (sampled
 from __future__ import annotations
 
 import argparse
+import csv
 import http.client
 import io
 import json
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -71,27 +73,26 @@ def _download(url: str, token: str, path: str) -> dict[str, Any]:
         raise SystemExit(f"{path}: HTTP {resp.status}: {resp.read()[:300]!r}")
     first = None
     size = 0
-    lines = 0
-    sink = io.BytesIO() if "parquet" in path else None
-    while True:
-        chunk = resp.read1(1 << 20)
-        if not chunk:
-            break
-        if first is None:
-            first = time.perf_counter() - t0
-        size += len(chunk)
-        if sink is not None:
+    with tempfile.TemporaryFile() as sink:
+        while True:
+            chunk = resp.read1(1 << 20)
+            if not chunk:
+                break
+            if first is None:
+                first = time.perf_counter() - t0
+            size += len(chunk)
             sink.write(chunk)
-        else:
-            lines += chunk.count(b"\n")
-    total = time.perf_counter() - t0
-    conn.close()
-    if sink is not None:
-        import pyarrow.parquet as pq
+        total = time.perf_counter() - t0
+        conn.close()
+        sink.seek(0)  # count rows after the clock stopped, with a real parser for each format
+        if "format=parquet" in path:
+            import pyarrow.parquet as pq
 
-        lines = pq.ParquetFile(io.BytesIO(sink.getvalue())).metadata.num_rows
-    elif "format=csv" in path:
-        lines -= 1  # header
+            lines = pq.ParquetFile(sink).metadata.num_rows
+        elif "format=csv" in path:
+            lines = sum(1 for _ in csv.reader(io.TextIOWrapper(sink, encoding="utf-8", newline=""))) - 1
+        else:
+            lines = sum(1 for _ in sink)
     return {"seconds": total, "first_byte_s": first or total, "bytes": size, "rows": lines}
 
 

@@ -425,6 +425,14 @@ class ExportView(APIView):
         return response
 
 
+def _rows_written(snap: Any) -> int:
+    if snap.status == "running":
+        from django.core.cache import cache
+
+        return int(cache.get(services.snapshot_progress_key(snap.id)) or 0)
+    return int(snap.rows_written)
+
+
 def _snapshot_out(snap: Any) -> dict[str, Any]:
     return {
         "id": snap.id,
@@ -432,7 +440,7 @@ def _snapshot_out(snap: Any) -> dict[str, Any]:
         "status": snap.status,
         "spec": snap.spec,
         "rows_expected": snap.rows_expected,
-        "rows_written": snap.rows_written,
+        "rows_written": _rows_written(snap),
         "row_count": snap.row_count,
         "sha256": snap.sha256,
         "byte_size": snap.byte_size,
