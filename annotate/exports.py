@@ -183,7 +183,8 @@ def spec_from_params(params: Any, *, base_url: str = "") -> ExportSpec:
 
 
 # --- Reading -------------------------------------------------------------------------------------
-def _judgment_sql(project: Project, spec: ExportSpec) -> tuple[str, list[Any]]:
+def _where(project: Project, spec: ExportSpec) -> tuple[list[str], list[Any]]:
+    """The filters as SQL over ``annotate_judgment j JOIN annotate_comparison c``."""
     where = ["j.project_id = %s"]
     params: list[Any] = [project.id]
     if spec.since:
@@ -214,6 +215,11 @@ def _judgment_sql(project: Project, spec: ExportSpec) -> tuple[str, list[Any]]:
             " JOIN annotate_sample s3 ON s3.id = cs3.sample_id WHERE cs3.comparison_id = c.id AND s3.modality <> %s)"
         )
         params.append(spec.modality)
+    return where, params
+
+
+def _judgment_sql(project: Project, spec: ExportSpec) -> tuple[str, list[Any]]:
+    where, params = _where(project, spec)
     raw = spec.schema == "raw"
     needs_aspects = raw or spec.schema == "aspects" or spec.aspect is not None
 
@@ -732,8 +738,120 @@ def _writer(project: Project, spec: ExportSpec) -> Callable[[Iterable[dict[str, 
     return _csv
 
 
+# --- Fast path: TRL rows built by PostgreSQL ------------------------------------------------------
+# The most pulled export (TRL pairs as JSONL, media as URLs) is built in SQL: PostgreSQL makes the
+# JSON text and Python only moves bytes, several times the rows per second of the general path.
+# It follows the same rules (majority with A/B draws as ties, ties and both-bad left out,
+# min_agreement) and tests check that both paths give the same rows.
+_MEDIA_SQL = (
+    "CASE WHEN {s}.modality = 'text' THEN {s}.text"
+    " ELSE %(base)s || '/media/samples/' || {s}.id || '?v=' || left({s}.content_hash, 12) END"
+)
+_MAJORITY_SQL = """
+    CASE WHEN (na = m)::int + (nb = m)::int + (nt = m)::int + (nbb = m)::int = 1
+              THEN CASE WHEN na = m THEN 'a' WHEN nb = m THEN 'b' WHEN nt = m THEN 'tie' ELSE 'both_bad' END
+         WHEN (na = m AND nb = m) OR nt = m THEN 'tie'
+         ELSE CASE WHEN na = m THEN 'a' WHEN nb = m THEN 'b' ELSE 'both_bad' END END
+"""
+
+
+def _fast_trl_sql(project: Project, spec: ExportSpec) -> tuple[str, dict[str, Any]] | None:
+    if not (
+        spec.schema == "trl"
+        and spec.format == "jsonl"
+        and spec.media == "url"
+        and spec.aspect is None
+        and spec.aggregate in ("none", "majority")
+    ):
+        return None
+    where, params = _where(project, spec)
+    named: dict[str, Any] = {f"p{i}": v for i, v in enumerate(params)}
+    cond = " AND ".join(where)
+    for i in range(len(params)):  # positional placeholders -> named, in order
+        cond = cond.replace("%s", f"%(p{i})s", 1)
+    named["base"] = spec.base_url
+    pick = """
+        JOIN annotate_prompt p ON p.id = c.prompt_id
+        JOIN LATERAL (SELECT array_agg(cs.sample_id ORDER BY cs.position) AS ids FROM annotate_comparisonsample cs
+                      WHERE cs.comparison_id = c.id) e ON cardinality(e.ids) = 2
+        JOIN annotate_sample s0 ON s0.id = e.ids[1]
+        JOIN annotate_sample s1 ON s1.id = e.ids[2]
+    """
+    row = (
+        "json_build_object('prompt', p.text,"
+        " 'chosen', CASE WHEN v.outcome = 'a' THEN "
+        + _MEDIA_SQL.format(s="s0")
+        + " ELSE "
+        + _MEDIA_SQL.format(s="s1")
+        + " END,"
+        " 'rejected', CASE WHEN v.outcome = 'a' THEN "
+        + _MEDIA_SQL.format(s="s1")
+        + " ELSE "
+        + _MEDIA_SQL.format(s="s0")
+        + " END"
+        ")::text"
+    )
+    if spec.aggregate == "none":
+        sql = f"""
+            SELECT {row} FROM (
+                SELECT j.id, j.comparison_id, j.outcome FROM annotate_judgment j
+                JOIN annotate_comparison c ON c.id = j.comparison_id
+                WHERE {cond} AND j.outcome IN ('a', 'b')
+            ) v
+            JOIN annotate_comparison c ON c.id = v.comparison_id {pick}
+            ORDER BY v.comparison_id, v.id
+        """
+        return sql, named
+    min_agreement = "" if spec.min_agreement is None else "AND t.m::float8 / t.n >= %(min_agreement)s"
+    named["min_agreement"] = spec.min_agreement
+    sql = f"""
+        SELECT {row} FROM (
+            SELECT t.comparison_id, {_MAJORITY_SQL} AS outcome FROM (
+                SELECT t0.*, GREATEST(t0.na, t0.nb, t0.nt, t0.nbb) AS m FROM (
+                    SELECT j.comparison_id,
+                           count(*) FILTER (WHERE j.outcome = 'a') AS na,
+                           count(*) FILTER (WHERE j.outcome = 'b') AS nb,
+                           count(*) FILTER (WHERE j.outcome = 'tie') AS nt,
+                           count(*) FILTER (WHERE j.outcome = 'both_bad') AS nbb,
+                           count(*) FILTER (WHERE j.outcome <> '') AS n
+                    FROM annotate_judgment j JOIN annotate_comparison c ON c.id = j.comparison_id
+                    WHERE {cond}
+                    GROUP BY j.comparison_id
+                ) t0
+            ) t
+            WHERE t.n > 0 {min_agreement}
+        ) v
+        JOIN annotate_comparison c ON c.id = v.comparison_id {pick}
+        WHERE v.outcome IN ('a', 'b')
+        ORDER BY v.comparison_id
+    """
+    return sql, named
+
+
+def _fast_stream(sql: str, params: dict[str, Any]) -> Iterator[bytes]:
+    outermost = not connection.in_atomic_block
+    with transaction.atomic():
+        if outermost:
+            with connection.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        cursor = connection.chunked_cursor()
+        try:
+            cursor.execute(sql, params)
+            while True:
+                rows = cursor.fetchmany(5000)
+                if not rows:
+                    return
+                yield ("\n".join(r[0] for r in rows) + "\n").encode()
+        finally:
+            cursor.close()
+
+
 def stream(*, project: Project, spec: ExportSpec) -> Iterator[bytes]:
     """The export as a byte stream in ``spec.format``."""
+    fast = _fast_trl_sql(project, spec)
+    if fast is not None:
+        yield from _fast_stream(*fast)
+        return
     yield from _writer(project, spec)(iter_rows(project=project, spec=spec))
 
 
@@ -752,6 +870,16 @@ def write(
 
     h = hashlib.sha256()
     size = 0
+    fast = _fast_trl_sql(project, spec)
+    if fast is not None:
+        for chunk in _fast_stream(*fast):
+            counter["rows"] += chunk.count(b"\n")  # JSON text never holds a raw newline
+            if progress:
+                progress(counter["rows"])
+            h.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+        return counter["rows"], h.hexdigest(), size
     for chunk in _writer(project, spec)(counted(iter_rows(project=project, spec=spec))):
         h.update(chunk)
         size += len(chunk)

@@ -174,6 +174,13 @@ def test_image_export_with_embedded_bytes(manager: Any, make_user: Any, make_pro
     assert row["chosen"] == png_bytes((250, 0, 0))
     (url_row,) = _rows(project, schema="pickapic", base_url="http://host")
     assert url_row["jpg_0"].startswith(f"http://host/media/samples/{ids[0]}?v=")
+    spec = exports.ExportSpec(schema="trl", base_url="http://host")
+    (fast,) = [json.loads(line) for line in b"".join(exports.stream(project=project, spec=spec)).splitlines()]
+    assert fast == next(exports.iter_rows(project=project, spec=spec))
+    assert (
+        fast["chosen"]
+        == f"http://host/media/samples/{ids[0]}?v={Sample.objects.get(id=ids[0]).content_hash[:12]}"
+    )
 
 
 def test_snapshot_is_built_on_celery_and_content_hashed(
@@ -396,3 +403,30 @@ def test_bad_preference_files_are_refused_whole(manager: Any) -> None:
     assert r.json()["error"]["message"] == "row 2: missing column(s) rejected"
     assert Judgment.objects.filter(project=project).count() == 0
     assert Sample.objects.filter(project=project).count() == 0
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"aggregate": "none"},
+        {"aggregate": "majority"},
+        {"aggregate": "majority", "min_agreement": 0.7},
+        {"aggregate": "none", "exclude_paused": True},
+        {"aggregate": "majority", "gold": "exclude", "base_url": "http://h"},
+    ],
+)
+def test_sql_fast_path_gives_the_rows_of_the_general_path(
+    voted: Any, manager: Any, kw: dict[str, Any]
+) -> None:
+    """TRL JSONL is built by PostgreSQL; the Python path (used by every other format) must agree."""
+    # With the third annotator paused, exclude_paused leaves comparison 2 a 1-1 b/tie draw (a tie).
+    services.project_member_set(
+        project=voted, actor=manager, user=voted.users[2], role="annotator", paused=True
+    )
+    spec = exports.ExportSpec(schema="trl", format="jsonl", **kw)
+    assert exports._fast_trl_sql(voted, spec) is not None
+    fast = [json.loads(line) for line in b"".join(exports.stream(project=voted, spec=spec)).splitlines()]
+    general = list(exports.iter_rows(project=voted, spec=spec))
+    assert fast == general
+    rows, _digest, _size = exports.write(project=voted, spec=spec, out=io.BytesIO())
+    assert rows == len(general)
