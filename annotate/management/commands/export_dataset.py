@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 from annotate import exports, services
 from annotate.errors import ServiceError
+from annotate.management.acting import acting_user
 from annotate.selectors import project_get
 
 
@@ -69,14 +69,7 @@ class Command(BaseCommand):
             self.stderr.write(f"{rows} rows, {size} bytes, sha256 {digest} -> {opts['out']}")
 
     def _snapshot(self, project: Any, spec: Any, opts: dict[str, Any]) -> None:
-        User = get_user_model()
-        user = (
-            User.objects.get(username=opts["as_user"])
-            if opts["as_user"]
-            else User.objects.filter(is_superuser=True).order_by("id").first()
-        )
-        if user is None:
-            raise CommandError("no user to record on the snapshot: pass --as-user")
+        user = acting_user(opts["as_user"])
         snap = services.snapshot_create(
             project=project, actor=user, spec=spec, name=opts["name"], build_now=True
         )

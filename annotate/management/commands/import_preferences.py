@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 from annotate import imports
 from annotate.errors import ServiceError
+from annotate.management.acting import acting_user
 
 
 class Command(BaseCommand):
@@ -23,14 +23,7 @@ class Command(BaseCommand):
         parser.add_argument("--as-user", dest="as_user", help="acting manager (default: first superuser)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
-        User = get_user_model()
-        user = (
-            User.objects.filter(username=opts["as_user"]).first()
-            if opts["as_user"]
-            else User.objects.filter(is_superuser=True).order_by("id").first()
-        )
-        if user is None:
-            raise CommandError("no acting user: create a superuser or pass --as-user")
+        user = acting_user(opts["as_user"])
         path = Path(opts["file"])
         if not path.is_file():
             raise CommandError(f"{path} is not a file")
