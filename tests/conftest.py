@@ -12,6 +12,21 @@ from annotate import services
 from annotate.models import Project, ProjectMember, Sample
 
 
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    """Stop the embedded servers this test session started (none it merely attached to)."""
+    from django.conf import settings
+
+    from config import embedded
+
+    if "redis" in embedded.STARTED:
+        embedded.stop_redis(settings.VAR_DIR)
+    if "postgres" in embedded.STARTED:
+        from django.db import connections
+
+        connections.close_all()
+        embedded.stop_postgres(settings.VAR_DIR)
+
+
 @pytest.fixture(autouse=True)
 def _media_root(settings: Any, tmp_path: Any) -> None:
     settings.MEDIA_ROOT = str(tmp_path / "media")
