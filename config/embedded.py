@@ -7,6 +7,7 @@ attach to the running one. ``manage.py up`` stops both on exit.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -96,7 +97,10 @@ def stop_postgres(var_dir: Path) -> None:
     user = "pgserver" if os.geteuid() == 0 else None
     with contextlib.suppress(subprocess.CalledProcessError):
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=datadir, user=user, timeout=60)
-    postgres_server.PostgresServer._instances.pop(datadir.resolve(), None)
+    # Forget our handle (a later get_server starts the server again), and its exit hook with it.
+    instance = postgres_server.PostgresServer._instances.pop(datadir.resolve(), None)
+    if instance is not None:
+        atexit.unregister(instance._cleanup)
 
 
 def redis_dir(var_dir: Path) -> Path:
