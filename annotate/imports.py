@@ -32,7 +32,7 @@ from annotate.models import (
     Sample,
 )
 from annotate.selectors import member_role_require
-from annotate.services import generator_version_get_or_create, prompt_get_or_create
+from annotate.services import generator_version_get_or_create, prompt_get_or_create, sample_build
 
 Progress = Callable[[int], None] | None
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
@@ -198,24 +198,16 @@ def samples_import(
                 if info.content_hash in existing:
                     result.duplicates += 1
                     continue
-                sample = Sample(
+                sample = sample_build(
                     project=project,
                     prompt=prompt_get_or_create(project=project, text=row["prompt"]),
-                    generator_version=generator_version_get_or_create(
+                    gv=generator_version_get_or_create(
                         generator=str(row.get("generator") or ""),
                         version=str(row.get("generator_version") or ""),
                     ),
-                    modality=info.modality,
-                    mime_type=info.mime_type,
+                    info=info,
+                    metadata=row["metadata"],
                     text=(row.get("text") or "") if data is None else "",
-                    content_hash=info.content_hash,
-                    byte_size=info.byte_size,
-                    width=info.width,
-                    height=info.height,
-                    duration=info.duration,
-                    frames=info.frames,
-                    fps=info.fps,
-                    metadata={**info.extra, **row["metadata"]},
                 )
                 if data is not None:
                     sample.media.save(f"import.{info.extension}", ContentFile(data), save=False)
@@ -414,18 +406,13 @@ def preferences_import(
                     sid = by_hash.get(info.content_hash)
                     if sid is None:
                         gen, _, ver = model.partition("@")
-                        s = Sample(
+                        s = sample_build(
                             project=project,
                             prompt=prompt,
-                            modality=info.modality,
-                            mime_type=info.mime_type,
-                            text=payload if isinstance(payload, str) else "",
-                            content_hash=info.content_hash,
-                            byte_size=info.byte_size,
-                            width=info.width,
-                            height=info.height,
-                            generator_version=generator_version_get_or_create(generator=gen, version=ver),
+                            gv=generator_version_get_or_create(generator=gen, version=ver),
+                            info=info,
                             metadata={"import": fmt, "row": p.row},
+                            text=payload if isinstance(payload, str) else "",
                         )
                         if isinstance(payload, bytes):
                             s.media.save(f"import.{info.extension}", ContentFile(payload), save=False)

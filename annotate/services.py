@@ -197,7 +197,7 @@ def sample_create_media(
     with transaction.atomic():
         p = prompt_get_or_create(project=project, text=prompt)
         gv = generator_version_get_or_create(generator=generator, version=generator_version)
-        sample = _sample_row(project=project, prompt=p, gv=gv, info=info, metadata=metadata)
+        sample = sample_build(project=project, prompt=p, gv=gv, info=info, metadata=metadata)
         file.seek(0)
         sample.media.save(f"upload.{info.extension}", ContentFile(file.read()), save=False)
         try:
@@ -210,7 +210,7 @@ def sample_create_media(
     return SampleResult(sample, True)
 
 
-def _sample_row(
+def sample_build(
     *,
     project: Project,
     prompt: Prompt,
@@ -219,6 +219,8 @@ def _sample_row(
     metadata: dict[str, Any] | None,
     text: str = "",
 ) -> Sample:
+    """An unsaved Sample from validated media/text info; ``metadata`` wins over what the media
+    inspection found (e.g. the codec)."""
     meta = dict(metadata or {})
     meta.update({k: v for k, v in info.extra.items() if k not in meta})
     return Sample(
@@ -270,7 +272,7 @@ def sample_create_texts(
             gv = generator_version_get_or_create(
                 generator=str(item.get("generator") or ""), version=str(item.get("generator_version") or "")
             )
-            sample = _sample_row(
+            sample = sample_build(
                 project=project, prompt=p, gv=gv, info=info, metadata=item.get("metadata"), text=text
             )
             sample.save()
