@@ -819,10 +819,11 @@ def judgment_undo(*, project: Project, annotator: Any, now: datetime | None = No
 
 # --- Dataset snapshots ---------------------------------------------------------------------------
 def snapshot_create(
-    *, project: Project, actor: Any, spec: Any, name: str = "", build_now: bool = False
+    *, project: Project, actor: Any, spec: Any, name: str = "", build_now: bool = False, dispatch: bool = True
 ) -> DatasetSnapshot:
     """Record a snapshot request (managers only) and queue its build on Celery; ``build_now``
-    builds it in this process instead (the CLI)."""
+    builds it in this process instead (the CLI); ``dispatch=False`` leaves the build to the caller
+    (a job that builds the snapshot it trains on)."""
     from annotate import exports
 
     member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
@@ -835,7 +836,7 @@ def snapshot_create(
     if build_now:
         snapshot_build(snapshot_id=snap.id)
         snap.refresh_from_db()
-    else:
+    elif dispatch:
         from annotate.tasks import build_snapshot
 
         transaction.on_commit(lambda: build_snapshot.delay(snap.id))

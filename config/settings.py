@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 from django.core.exceptions import ImproperlyConfigured
 
 from config import embedded
-from config.env import env_bool, env_int, env_list, env_str
+from config.env import env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("RL_VAR_DIR", str(BASE_DIR / "var"))).resolve()
@@ -161,8 +161,12 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_BEAT_SCHEDULE = {
     "expire-leases": {"task": "annotate.tasks.expire_leases", "schedule": 30.0},
+    # Per-project rules (N new judgments / every T minutes) live in each project's RewardConfig.
+    "reward-retrain-due": {"task": "rewards.tasks.retrain_due", "schedule": env_float("RL_RETRAIN_CHECK_SECONDS", 15.0, minimum=1.0)},
 }
 CELERY_TIMEZONE = "UTC"
+# Fewer judged pairs than this and a reward-model job is refused at launch.
+RL_REWARD_MIN_PAIRS = env_int("RL_REWARD_MIN_PAIRS", 10, minimum=2)
 
 # --- Auth, i18n, static, media --------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -1,0 +1,926 @@
+"""Reward-model services: encoders and the embedding cache, training jobs, the registry,
+champion/challenger promotion, scoring and active-learning priorities.
+
+The torch code lives in ``rewards.ml`` (no Django there); these functions move data between
+PostgreSQL and it. Every launch is validated here, so a bad encoder path, too few pairs or an
+out-of-range hyperparameter is a clear 400 when the job is created, not a crashed worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.core.cache import cache
+from django.db import connection, transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from annotate.errors import Conflict, Invalid, NotFound
+from annotate.models import DatasetSnapshot, Judgment, Project, ProjectMember, Sample
+from annotate.services import member_role_require, snapshot_build, snapshot_create
+from rewards.models import (
+    Encoder,
+    PromptEmbedding,
+    RewardConfig,
+    RewardModelVersion,
+    RewardTrainingJob,
+    SampleEmbedding,
+)
+
+log = logging.getLogger(__name__)
+
+# Fewer judged pairs than this cannot give a meaningful model or held-out figure.
+def _min_pairs() -> int:
+    return int(getattr(settings, "RL_REWARD_MIN_PAIRS", 10))
+
+
+
+EMBED_BATCH = 32
+REWARD_KINDS = ("bt", "aspects", "ensemble")  # kinds that can be a project's active reward model
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+# --- Config -----------------------------------------------------------------------------------------
+def reward_config_get(*, project: Project) -> RewardConfig:
+    """The project's reward settings (created with defaults on first use)."""
+    config, _ = RewardConfig.objects.get_or_create(project=project)
+    return config
+
+
+def _default_encoder_path(project: Project) -> str:
+    if project.modality == "text":
+        from rewards.ml.encoders import default_text_encoder_path
+
+        return str(default_text_encoder_path())
+    raise Invalid(
+        f"project {project.slug!r} has no encoder configured: set a local CLIP or SigLIP directory "
+        "in its reward config (admin) or pass one with the job"
+    )
+
+
+# --- Encoders and the embedding cache --------------------------------------------------------------
+def encoder_register(*, path: str) -> Encoder:
+    """Validate a local encoder directory (config only, no weights loaded) and record it by the
+    fingerprint of its weights."""
+    from rewards.ml.encoders import EncoderError, inspect_encoder
+
+    try:
+        info = inspect_encoder(path)
+    except EncoderError as exc:
+        raise Invalid(str(exc), code="bad_encoder") from exc
+    encoder, created = Encoder.objects.get_or_create(
+        fingerprint=info.fingerprint,
+        defaults={
+            "name": info.name,
+            "path": info.path,
+            "family": info.family,
+            "model_type": info.model_type,
+            "dim": info.dim,
+        },
+    )
+    if not created and encoder.path != info.path:
+        Encoder.objects.filter(id=encoder.id).update(path=info.path)
+        encoder.path = info.path
+    return encoder
+
+
+def _encoder_supports(encoder: Encoder, modality: str) -> bool:
+    if encoder.family == "text":
+        return modality == "text"
+    return modality in ("image", "video")
+
+
+_LOADED: dict[tuple[str, str], Any] = {}
+
+
+def _load_encoder(encoder: Encoder, device: str) -> Any:
+    """Load once per process: a worker embedding several batches keeps the weights in memory."""
+    from rewards.ml.encoders import EncoderError, load_encoder
+
+    key = (encoder.fingerprint, device)
+    if key not in _LOADED:
+        try:
+            loaded = load_encoder(encoder.path, device=device)
+        except EncoderError as exc:
+            raise Invalid(str(exc), code="bad_encoder") from exc
+        if loaded.info.fingerprint != encoder.fingerprint:
+            raise Invalid(f"the encoder at {encoder.path} changed since it was registered; register it again")
+        _LOADED.clear()  # one encoder in memory at a time
+        _LOADED[key] = loaded
+    return _LOADED[key]
+
+
+def _open_image(sample: Sample) -> Any:
+    from PIL import Image
+
+    with sample.media.open("rb") as fh:
+        image = Image.open(io.BytesIO(fh.read()))
+        image.load()
+    return image.convert("RGB")
+
+
+def embeddings_ensure(
+    *,
+    encoder: Encoder,
+    sample_ids: Iterable[int],
+    frames: int = 8,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Embed every listed sample and its prompt that has no vector under ``encoder`` yet, in batches.
+
+    Returns how many samples were embedded now (0 when all were cached). Rows are inserted with
+    ``ON CONFLICT DO NOTHING``, so two jobs embedding the same samples at once both succeed."""
+    wanted = sorted(set(sample_ids))
+    have = set(
+        SampleEmbedding.objects.filter(encoder=encoder, sample_id__in=wanted).values_list("sample_id", flat=True)
+    )
+    todo = [sid for sid in wanted if sid not in have]
+    prompt_ids = set(Sample.objects.filter(id__in=wanted).values_list("prompt_id", flat=True))
+    prompts_have = set(
+        PromptEmbedding.objects.filter(encoder=encoder, prompt_id__in=prompt_ids).values_list("prompt_id", flat=True)
+    )
+    prompts_todo = sorted(prompt_ids - prompts_have)
+    total = len(todo) + len(prompts_todo)
+    if total == 0:
+        return 0
+    model = _load_encoder(encoder, device)
+    done = 0
+    for start in range(0, len(todo), EMBED_BATCH):
+        batch = list(Sample.objects.filter(id__in=todo[start : start + EMBED_BATCH]).order_by("id"))
+        rows: list[SampleEmbedding] = []
+        for modality in ("image", "video", "text"):
+            group = [s for s in batch if s.modality == modality]
+            if not group:
+                continue
+            if not _encoder_supports(encoder, modality):
+                raise Invalid(f"encoder {encoder.name} ({encoder.family}) cannot embed {modality} samples")
+            if modality == "image":
+                vecs = model.embed_images([_open_image(s) for s in group])
+                rows += [_embedding_row(encoder, s, vecs[i : i + 1]) for i, s in enumerate(group)]
+            elif modality == "text":
+                vecs = model.embed_texts([s.text for s in group])
+                rows += [_embedding_row(encoder, s, vecs[i : i + 1]) for i, s in enumerate(group)]
+            else:
+                video, mask = model.embed_videos([s.media.path for s in group], frames=frames)
+                rows += [_embedding_row(encoder, s, video[i][mask[i]]) for i, s in enumerate(group)]
+        SampleEmbedding.objects.bulk_create(rows, ignore_conflicts=True)
+        done += len(batch)
+        if progress:
+            progress(done, total)
+    from annotate.models import Prompt
+
+    for start in range(0, len(prompts_todo), EMBED_BATCH * 2):
+        prompts = list(Prompt.objects.filter(id__in=prompts_todo[start : start + EMBED_BATCH * 2]).order_by("id"))
+        vecs = model.embed_texts([p.text for p in prompts])
+        PromptEmbedding.objects.bulk_create(
+            [
+                PromptEmbedding(prompt=p, encoder=encoder, vector=vecs[i].astype(np.float16).tobytes())
+                for i, p in enumerate(prompts)
+            ],
+            ignore_conflicts=True,
+        )
+        done += len(prompts)
+        if progress:
+            progress(done, total)
+    return len(todo)
+
+
+def _embedding_row(encoder: Encoder, sample: Sample, vectors: np.ndarray) -> SampleEmbedding:
+    return SampleEmbedding(
+        sample=sample,
+        encoder=encoder,
+        count=int(vectors.shape[0]),
+        vectors=np.ascontiguousarray(vectors, dtype=np.float16).tobytes(),
+    )
+
+
+def features_load(*, encoder: Encoder, sample_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cached features of ``sample_ids`` in that order: ``x (S, K, D)``, ``mask (S, K)`` and the
+    prompt vectors ``(S, D)``. Every sample must be embedded already."""
+    ids = list(sample_ids)
+    dim = encoder.dim
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            SELECT e.sample_id, e.count, e.vectors, pe.vector
+            FROM rewards_sampleembedding e
+            JOIN annotate_sample s ON s.id = e.sample_id
+            LEFT JOIN rewards_promptembedding pe ON pe.prompt_id = s.prompt_id AND pe.encoder_id = e.encoder_id
+            WHERE e.encoder_id = %s AND e.sample_id = ANY(%s)
+            """,
+            [encoder.id, ids],
+        )
+        found = {row[0]: row[1:] for row in cur.fetchall()}
+    missing = [sid for sid in ids if sid not in found or found[sid][2] is None]
+    if missing:
+        raise Invalid(f"{len(missing)} sample(s) have no cached embedding under {encoder.name}, e.g. {missing[:5]}")
+    k = max((found[sid][0] for sid in ids), default=1)
+    x = np.zeros((len(ids), k, dim), dtype=np.float32)
+    mask = np.zeros((len(ids), k), dtype=bool)
+    prompt = np.zeros((len(ids), dim), dtype=np.float32)
+    for i, sid in enumerate(ids):
+        count, vectors, pvec = found[sid]
+        x[i, :count] = np.frombuffer(bytes(vectors), dtype=np.float16).reshape(count, dim)
+        mask[i, :count] = True
+        prompt[i] = np.frombuffer(bytes(pvec), dtype=np.float16)
+    return x, mask, prompt
+
+
+# --- Training data from a snapshot ----------------------------------------------------------------
+_OUTCOME = {"a": 1, "b": -1, "tie": 0, "both_bad": 2}
+
+
+@dataclass
+class JudgedPairs:
+    """Pairs read from a raw snapshot, as sample ids (features are attached later)."""
+
+    sample_ids: list[int]  # index -> sample id
+    a: np.ndarray
+    b: np.ndarray
+    outcome: np.ndarray
+    comparison: np.ndarray
+    aspects: dict[str, np.ndarray]
+    artifact: np.ndarray  # per sample: 1 flagged, 0 judged clean
+    gold_a: np.ndarray  # one pair per gold comparison
+    gold_b: np.ndarray
+    gold_outcome: np.ndarray
+    gold_comparison: np.ndarray
+    gold_comparisons: set[int]
+
+
+def _snapshot_rows(snapshot: DatasetSnapshot) -> Iterable[dict[str, Any]]:
+    spec = snapshot.spec
+    with snapshot.file.open("rb") as fh:
+        if spec.get("format") == "parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(
+                fh,
+                columns=["comparison_id", "sample_ids", "outcome", "ranking", "aspects", "artifacts", "is_gold", "gold_answer"],
+            )
+            yield from table.to_pylist()
+        else:
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def _json_field(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) and value else value
+
+
+def snapshot_pairs(*, snapshot: DatasetSnapshot) -> JudgedPairs:
+    """Every judged pair in a raw snapshot. Rankings give all their ordered pairs; aspects and
+    artifact flags come along; gold comparisons also give one pair from their gold answer."""
+    index: dict[int, int] = {}
+
+    def ix(sid: int) -> int:
+        return index.setdefault(int(sid), len(index))
+
+    a: list[int] = []
+    b: list[int] = []
+    outcome: list[int] = []
+    comparison: list[int] = []
+    aspect_rows: list[dict[str, Any]] = []
+    flagged: dict[int, int] = {}
+    gold: dict[int, tuple[int, int, int]] = {}
+    for row in _snapshot_rows(snapshot):
+        ids = [int(s) for s in row["sample_ids"]]
+        cid = int(row["comparison_id"])
+        flags = {int(f["sample"]) for f in (_json_field(row.get("artifacts")) or []) if isinstance(f, dict) and f.get("sample") is not None}
+        for sid in ids:
+            i = ix(sid)
+            flagged[i] = max(flagged.get(i, 0), 1 if sid in flags else 0)
+        if row.get("is_gold"):
+            answer = _json_field(row.get("gold_answer")) or {}
+            if answer.get("outcome") in _OUTCOME and len(ids) == 2:
+                gold[cid] = (ix(ids[0]), ix(ids[1]), _OUTCOME[answer["outcome"]])
+        if row["outcome"] == "ranking":
+            ranking = [int(s) for s in (row.get("ranking") or [])]
+            for i in range(len(ranking)):
+                for j in range(i + 1, len(ranking)):
+                    a.append(ix(ranking[i]))
+                    b.append(ix(ranking[j]))
+                    outcome.append(1)
+                    comparison.append(cid)
+                    aspect_rows.append({})
+            continue
+        if len(ids) != 2 or row["outcome"] not in _OUTCOME:
+            continue
+        a.append(ix(ids[0]))
+        b.append(ix(ids[1]))
+        outcome.append(_OUTCOME[row["outcome"]])
+        comparison.append(cid)
+        aspect_rows.append(_json_field(row.get("aspects")) or {})
+    keys = sorted({k for r in aspect_rows for k in r})
+    aspects = {
+        k: np.array([_OUTCOME.get(str(r.get(k)), 127) for r in aspect_rows], dtype=np.int8) for k in keys
+    }
+    sample_ids = [0] * len(index)
+    for sid, i in index.items():
+        sample_ids[i] = sid
+    g = list(gold.items())
+    return JudgedPairs(
+        sample_ids=sample_ids,
+        a=np.array(a, dtype=np.int64),
+        b=np.array(b, dtype=np.int64),
+        outcome=np.array(outcome, dtype=np.int8),
+        comparison=np.array(comparison, dtype=np.int64),
+        aspects=aspects,
+        artifact=np.array([flagged.get(i, -1) for i in range(len(sample_ids))], dtype=np.int8),
+        gold_a=np.array([v[0] for _, v in g], dtype=np.int64),
+        gold_b=np.array([v[1] for _, v in g], dtype=np.int64),
+        gold_outcome=np.array([v[2] for _, v in g], dtype=np.int8),
+        gold_comparison=np.array([c for c, _ in g], dtype=np.int64),
+        gold_comparisons=set(gold),
+    )
+
+
+def _unit_hash(*parts: int) -> np.ndarray:
+    """A stable pseudo-random number in [0, 1) per id: the held-out split must be the same for every
+    version of a project, so that champion and challenger are compared on pairs neither trained on."""
+    out = np.empty(len(parts[-1]), dtype=np.float64)
+    salt = str(parts[0]).encode()
+    for i, value in enumerate(parts[-1]):
+        digest = hashlib.blake2b(salt + b":" + str(int(value)).encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "big") / 2**64
+    return out
+
+
+@dataclass
+class Split:
+    train: Any  # PairSet
+    holdout: Any  # PairSet
+    gold: Any  # PairSet
+    sample_ids: list[int]
+
+
+def pairs_split(*, project: Project, pairs: JudgedPairs, x: np.ndarray, mask: np.ndarray, prompt: np.ndarray, holdout: float) -> Split:
+    """Train/held-out/gold PairSets. Held out by comparison (every vote on a comparison goes to the
+    same side) with a per-project stable hash; gold comparisons never train, they are scored apart."""
+    from rewards.ml.data import PairSet
+
+    cids = np.unique(pairs.comparison)
+    held = set(cids[_unit_hash(project.id, cids) < holdout].tolist())
+    is_gold = np.isin(pairs.comparison, np.array(sorted(pairs.gold_comparisons), dtype=np.int64))
+    is_held = np.isin(pairs.comparison, np.array(sorted(held), dtype=np.int64))
+    train_idx = np.flatnonzero(~is_gold & ~is_held)
+    held_idx = np.flatnonzero(~is_gold & is_held)
+    # Artifact labels split by sample, with the same stable hash.
+    sample_held = _unit_hash(project.id, np.array(pairs.sample_ids, dtype=np.int64)) < holdout
+    art_train = np.where(sample_held, -1, pairs.artifact).astype(np.int8)
+    art_held = np.where(sample_held, pairs.artifact, -1).astype(np.int8)
+    n = pairs.a.shape[0]
+    full = PairSet(
+        x=x,
+        mask=mask,
+        prompt=prompt,
+        a=pairs.a,
+        b=pairs.b,
+        outcome=pairs.outcome,
+        weight=np.ones(n, dtype=np.float32),
+        aspects=pairs.aspects,
+        artifact=pairs.artifact,
+        comparison=pairs.comparison,
+    )
+    train = full.subset(train_idx)
+    train.artifact = art_train
+    held_set = full.subset(held_idx)
+    held_set.artifact = art_held
+    gold = PairSet(
+        x=x,
+        mask=mask,
+        prompt=prompt,
+        a=pairs.gold_a,
+        b=pairs.gold_b,
+        outcome=pairs.gold_outcome,
+        weight=np.ones(pairs.gold_a.shape[0], dtype=np.float32),
+        comparison=pairs.gold_comparison,
+    )
+    return Split(train=train, holdout=held_set, gold=gold, sample_ids=pairs.sample_ids)
+
+
+# --- Jobs ------------------------------------------------------------------------------------------
+def _resolve_config(kind: str, overrides: dict[str, Any], device: str) -> dict[str, Any]:
+    from rewards.ml.kinds import CONFIGS
+    from rewards.ml.progress import ConfigError
+
+    if kind not in CONFIGS:
+        raise Invalid(f"unknown reward model kind {kind!r}; choose one of {', '.join(sorted(CONFIGS))}")
+    if not isinstance(overrides, dict):
+        raise Invalid("hyperparameters must be a JSON object")
+    values = dict(overrides)
+    values.setdefault("device", device)
+    try:
+        config = CONFIGS[kind].from_dict(values)
+        config.validate()
+    except ConfigError as exc:
+        raise Invalid(f"hyperparameter {exc.field}: {exc.message}", code="bad_hyperparameter", details={"field": exc.field}) from exc
+    return config.to_dict()
+
+
+def _raw_spec() -> Any:
+    from annotate import exports
+
+    return exports.spec_from_params({"schema": "raw", "format": "parquet", "aggregate": "none", "media": "url"})
+
+
+def _count_pairs_expected(project: Project, snapshot: DatasetSnapshot | None) -> int:
+    if snapshot is not None:
+        return int(snapshot.row_count if snapshot.row_count is not None else snapshot.rows_expected or 0)
+    return Judgment.objects.filter(project=project).exclude(outcome="both_bad").count()
+
+
+def reward_job_create(
+    *,
+    project: Project,
+    actor: Any,
+    kind: str | None = None,
+    encoder_path: str | None = None,
+    snapshot: DatasetSnapshot | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+    holdout: float | None = None,
+    device: str = "cpu",
+    promote: bool = True,
+    trigger: str = RewardTrainingJob.Trigger.MANUAL,
+    dispatch: bool = True,
+) -> RewardTrainingJob:
+    """Validate and queue a reward-model training job (managers only).
+
+    Everything that can be checked before training is checked here, with a clear message: the
+    kind and its hyperparameters, the encoder directory (a real transformers model of a supported
+    family, able to embed the project's modality), the held-out share, and that the project (or
+    the given snapshot) holds enough judged pairs. Without ``snapshot`` a raw Parquet snapshot of
+    every judgment is recorded now and built by the job, so each version names the exact data it
+    saw. ``dispatch`` queues the job on the ``gpu`` queue once the transaction commits."""
+    member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
+    rc = reward_config_get(project=project)
+    kind = kind or rc.kind
+    holdout = rc.holdout if holdout is None else float(holdout)
+    if not 0.05 <= holdout <= 0.5:
+        raise Invalid("holdout must be between 0.05 and 0.5 (the share of comparisons held out)")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise Invalid(f"device must be 'cpu' or 'cuda[:N]', not {device!r}")
+    config = _resolve_config(kind, dict(rc.hyperparameters or {}) | dict(hyperparameters or {}), device)
+    path = encoder_path or rc.encoder_path or _default_encoder_path(project)
+    encoder = encoder_register(path=path)
+    if not _encoder_supports(encoder, project.modality):
+        raise Invalid(
+            f"encoder {encoder.name} is a {encoder.family} encoder and cannot embed {project.modality} samples",
+            code="bad_encoder",
+        )
+    if snapshot is not None:
+        if snapshot.project_id != project.id:
+            raise NotFound(f"no snapshot {snapshot.id} in {project.slug}")
+        if snapshot.spec.get("schema") != "raw" or snapshot.spec.get("aggregate", "none") != "none":
+            raise Invalid("a reward job trains on a raw snapshot (schema=raw, aggregate=none)")
+        if snapshot.status == DatasetSnapshot.Status.FAILED:
+            raise Invalid(f"snapshot {snapshot.id} failed to build: {snapshot.error}")
+    if not Judgment.objects.filter(project=project).exists():
+        raise Invalid(f"project {project.slug!r} has no judgments yet: nothing to train on", code="no_judgments")
+    pairs = _count_pairs_expected(project, snapshot)
+    if pairs < _min_pairs():
+        raise Invalid(
+            f"too few judged pairs to train on: {pairs} (at least {_min_pairs()} needed)", code="too_few_pairs"
+        )
+    with transaction.atomic():
+        if snapshot is None:
+            snapshot = snapshot_create(project=project, actor=actor, spec=_raw_spec(), name=f"reward-{kind}", dispatch=False)
+        job = RewardTrainingJob.objects.create(
+            project=project,
+            kind=kind,
+            encoder=encoder,
+            encoder_path=encoder.path,
+            snapshot=snapshot,
+            config=config,
+            holdout=holdout,
+            video_frames=rc.video_frames,
+            device=device,
+            promote=promote,
+            trigger=trigger,
+            created_by=actor,
+            progress={"phase": "queued"},
+        )
+        if dispatch:
+            from rewards.tasks import gpu_train_reward_model
+
+            transaction.on_commit(lambda: gpu_train_reward_model.delay(job.id))
+    return job
+
+
+def reward_job_cancel(*, job: RewardTrainingJob, actor: Any) -> RewardTrainingJob:
+    """Ask a job to stop. A queued job is cancelled at once; a running one stops at its next
+    progress report (within about a second of training)."""
+    member_role_require(project=job.project, user=actor, roles=(ProjectMember.Role.MANAGER,))
+    with transaction.atomic():
+        job = RewardTrainingJob.objects.select_for_update().get(id=job.id)
+        if job.status in (RewardTrainingJob.Status.SUCCEEDED, RewardTrainingJob.Status.FAILED, RewardTrainingJob.Status.CANCELLED):
+            raise Conflict(f"job {job.id} already {job.status}")
+        job.cancel_requested = True
+        fields = ["cancel_requested"]
+        if job.status == RewardTrainingJob.Status.QUEUED:
+            job.status = RewardTrainingJob.Status.CANCELLED
+            job.finished_at = timezone.now()
+            fields += ["status", "finished_at"]
+        job.save(update_fields=fields)
+    cache.set(cancel_key(job.id), True, timeout=7 * 24 * 3600)
+    return job
+
+
+def cancel_key(job_id: int) -> str:
+    return f"rewardjob:{job_id}:cancel"
+
+
+class _Reporter:
+    """Writes a job's progress at most once a second and checks for cancellation at the same time."""
+
+    def __init__(self, job: RewardTrainingJob, echo: ProgressFn | None):
+        self.job_id = job.id
+        self.echo = echo
+        self.last = 0.0
+        self.state: dict[str, Any] = {}
+
+    def __call__(self, force: bool = False, **state: Any) -> None:
+        from rewards.ml.progress import TrainingCancelled
+
+        self.state = {**self.state, **state}
+        if self.echo:
+            self.echo(dict(self.state))
+        # The cancel flag is mirrored in the cache so every report can afford to look at it.
+        if cache.get(cancel_key(self.job_id)):
+            raise TrainingCancelled(f"job {self.job_id} cancelled")
+        now = time.monotonic()
+        if not force and now - self.last < 1.0:
+            return
+        self.last = now
+        updated = RewardTrainingJob.objects.filter(id=self.job_id).update(progress=self.state)
+        if updated and RewardTrainingJob.objects.filter(id=self.job_id, cancel_requested=True).exists():
+            raise TrainingCancelled(f"job {self.job_id} cancelled")
+
+    def phase(self, name: str, **state: Any) -> None:
+        # Training figures stay visible after training (the final step and loss); the rest resets.
+        kept = {k: v for k, v in self.state.items() if k in ("step", "total_steps", "epoch", "epochs", "loss")}
+        self.state = {**kept, "phase": name, **state}
+        self(force=True)
+
+
+def _models_root() -> Path:
+    return Path(settings.MEDIA_ROOT) / "reward_models"
+
+
+def reward_job_run(*, job_id: int, progress: ProgressFn | None = None) -> RewardTrainingJob:
+    """Run a queued job to the end: build its snapshot, embed what is missing, train, evaluate,
+    register the version and run champion/challenger. Safe to call twice: a finished job is left as
+    it is. A failure marks the job failed with the error; cancellation marks it cancelled."""
+    from rewards.ml.progress import TrainingCancelled
+
+    with transaction.atomic():
+        job = RewardTrainingJob.objects.select_for_update().select_related("project", "encoder", "snapshot").get(id=job_id)
+        if job.status not in (RewardTrainingJob.Status.QUEUED, RewardTrainingJob.Status.RUNNING):
+            return job
+        job.status = RewardTrainingJob.Status.RUNNING
+        job.started_at = timezone.now()
+        job.save(update_fields=["status", "started_at"])
+        if not job.cancel_requested:
+            cache.delete(cancel_key(job.id))  # a stale flag of a same-numbered job of another database
+    report = _Reporter(job, progress)
+    try:
+        version = _train(job, report)
+    except TrainingCancelled:
+        RewardTrainingJob.objects.filter(id=job.id).update(
+            status=RewardTrainingJob.Status.CANCELLED, finished_at=timezone.now(), progress={**report.state, "phase": "cancelled"}
+        )
+    except Exception as exc:
+        log.exception("reward job %s failed", job.id)
+        message = exc.message if isinstance(exc, Invalid) else f"{type(exc).__name__}: {exc}"
+        RewardTrainingJob.objects.filter(id=job.id).update(
+            status=RewardTrainingJob.Status.FAILED, finished_at=timezone.now(), error=message, progress={**report.state, "phase": "failed"}
+        )
+    else:
+        RewardTrainingJob.objects.filter(id=job.id).update(
+            status=RewardTrainingJob.Status.SUCCEEDED, finished_at=timezone.now(), progress={**report.state, "phase": "done"}
+        )
+        if version.is_active:
+            from rewards.tasks import gpu_score_samples
+
+            transaction.on_commit(lambda: gpu_score_samples.delay(version.id))
+    job.refresh_from_db()
+    return job
+
+
+def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
+    from rewards.ml import metrics
+    from rewards.ml.kinds import CONFIGS, TRAINERS
+    from rewards.ml.progress import Progress
+
+    project = job.project
+    report.phase("snapshot")
+    snapshot = job.snapshot
+    if snapshot.status != DatasetSnapshot.Status.DONE:
+        snapshot = snapshot_build(snapshot_id=snapshot.id, progress=lambda rows: report(rows=rows))
+        if snapshot.status != DatasetSnapshot.Status.DONE:
+            raise Invalid(f"snapshot {snapshot.id} is {snapshot.status}, not built")
+    pairs = snapshot_pairs(snapshot=snapshot)
+    if pairs.a.shape[0] < _min_pairs():
+        raise Invalid(f"too few judged pairs to train on: {pairs.a.shape[0]} (at least {_min_pairs()} needed)")
+
+    report.phase("embedding", done=0, total=len(pairs.sample_ids))
+    embeddings_ensure(
+        encoder=job.encoder,
+        sample_ids=pairs.sample_ids,
+        frames=job.video_frames,
+        device=job.device,
+        progress=lambda done, total: report(done=done, total=total),
+    )
+    x, mask, prompt = features_load(encoder=job.encoder, sample_ids=pairs.sample_ids)
+    split = pairs_split(project=project, pairs=pairs, x=x, mask=mask, prompt=prompt, holdout=job.holdout)
+    if job.kind != "artifact" and split.train.num_pairs < _min_pairs():
+        raise Invalid(f"too few training pairs after holding out {job.holdout:.0%}: {split.train.num_pairs}")
+
+    report.phase("training", step=0)
+    config = CONFIGS[job.kind].from_dict(job.config)
+
+    def on_progress(p: Progress) -> None:
+        report(
+            step=p.step,
+            total_steps=p.total_steps,
+            epoch=p.epoch,
+            epochs=p.epochs,
+            loss=round(float(p.loss), 5),
+            elapsed_s=round(p.elapsed_s, 1),
+            eta_s=round(p.eta_s, 1),
+            **{k: v for k, v in (p.metrics or {}).items() if isinstance(v, int | float)},
+        )
+
+    model = TRAINERS[job.kind](config, split.train, holdout=split.holdout if split.holdout.num_pairs else None, progress=on_progress)
+
+    report.phase("evaluating")
+    figures: dict[str, Any] = {
+        "train_pairs": int(split.train.num_pairs),
+        "holdout_pairs": int(split.holdout.num_pairs),
+        "samples": len(split.sample_ids),
+        "holdout": metrics.evaluate(model, split.holdout) if split.holdout.num_pairs else None,
+        "gold": metrics.evaluate(model, split.gold) if split.gold.num_pairs else None,
+        "majority": metrics.majority_agreement(model, split.holdout) if split.holdout.num_pairs else None,
+    }
+    holdout_figs = figures["holdout"] or {}
+    figures["holdout_accuracy"] = holdout_figs.get("accuracy")
+    figures["gold_accuracy"] = (figures["gold"] or {}).get("accuracy")
+    figures["majority_agreement"] = (figures["majority"] or {}).get("accuracy")
+    figures["ece"] = holdout_figs.get("ece")
+    figures["aspect_accuracy"] = holdout_figs.get("aspect_accuracy") or {}
+
+    report.phase("saving")
+    with transaction.atomic():
+        Project.objects.select_for_update().filter(id=project.id).first()
+        number = (RewardModelVersion.objects.filter(project=project).aggregate(m=Max("number"))["m"] or 0) + 1
+        directory = _models_root() / project.slug / f"v{number}-{job.kind}-job{job.id}"
+        model.save_pretrained(
+            directory,
+            extra={
+                "project": project.slug,
+                "version": number,
+                "encoder": {"name": job.encoder.name, "fingerprint": job.encoder.fingerprint, "family": job.encoder.family, "dim": job.encoder.dim},
+                "snapshot": {"id": snapshot.id, "sha256": snapshot.sha256},
+                "holdout": job.holdout,
+                "metrics": figures,
+            },
+        )
+        version = RewardModelVersion.objects.create(
+            project=project,
+            number=number,
+            job=job,
+            kind=job.kind,
+            encoder=job.encoder,
+            snapshot=snapshot,
+            path=str(directory),
+            metrics=figures,
+            curves=list(getattr(model, "curves", []) or []),
+        )
+    if job.promote:
+        report.phase("champion/challenger")
+        version = version_decide(version=version, model=model, split=split)
+    return version
+
+
+# --- Registry: champion / challenger --------------------------------------------------------------
+def _load_version_model(version: RewardModelVersion, device: str = "cpu") -> Any:
+    from rewards.ml.model import load_reward_model
+
+    return load_reward_model(version.path, device=device)
+
+
+def _better(challenger: dict[str, Any], champion: dict[str, Any]) -> bool:
+    ca, cb = challenger.get("accuracy"), champion.get("accuracy")
+    if ca is None:
+        return False
+    if cb is None or ca > cb + 1e-12:
+        return True
+    if abs(ca - cb) <= 1e-12:
+        return (challenger.get("log_loss") or float("inf")) < (champion.get("log_loss") or float("inf"))
+    return False
+
+
+def version_decide(*, version: RewardModelVersion, model: Any = None, split: Split | None = None) -> RewardModelVersion:
+    """Champion/challenger: ``version`` becomes active only if it beats the active version on the
+    same held-out pairs (accuracy, then log loss on a tie). The decision and both sets of figures
+    are stored on the version."""
+    from rewards.ml import metrics
+    from rewards.ml.data import PairSet
+
+    project = version.project
+    if version.kind not in REWARD_KINDS:
+        decision = {"promoted": False, "reason": f"a {version.kind} model is not a reward model; it is used beside one"}
+        RewardModelVersion.objects.filter(id=version.id).update(decision=decision)
+        version.decision = decision
+        return version
+    challenger_figs = (version.metrics or {}).get("holdout") or {}
+    with transaction.atomic():
+        Project.objects.select_for_update().filter(id=project.id).first()
+        champion = RewardModelVersion.objects.filter(project=project, is_active=True).exclude(id=version.id).first()
+        if champion is None:
+            decision = {"promoted": True, "reason": "no active model yet", "challenger": _brief(challenger_figs, version)}
+        elif split is None or split.holdout.num_pairs == 0:
+            decision = {"promoted": False, "reason": "no held-out pairs to compare on", "champion_version": champion.number}
+        else:
+            champ_model = _load_version_model(champion)
+            held = split.holdout
+            if champion.encoder_id != version.encoder_id:
+                embeddings_ensure(encoder=champion.encoder, sample_ids=split.sample_ids, frames=version.job.video_frames)
+                x, mask, prompt = features_load(encoder=champion.encoder, sample_ids=split.sample_ids)
+                held = PairSet(
+                    x=x, mask=mask, prompt=prompt, a=held.a, b=held.b, outcome=held.outcome, weight=held.weight,
+                    aspects=held.aspects, comparison=held.comparison,
+                )
+            champion_figs = metrics.evaluate(champ_model, held)
+            promoted = _better(challenger_figs, champion_figs)
+            decision = {
+                "promoted": promoted,
+                "reason": "beats the active model on the same held-out pairs"
+                if promoted
+                else "does not beat the active model on the same held-out pairs",
+                "pairs": int(held.num_pairs),
+                "challenger": _brief(challenger_figs, version),
+                "champion": _brief(champion_figs, champion),
+            }
+        if decision["promoted"]:
+            RewardModelVersion.objects.filter(project=project, is_active=True).update(is_active=False)
+            version.is_active = True
+        version.decision = decision
+        version.save(update_fields=["is_active", "decision"])
+    return version
+
+
+def _brief(figs: dict[str, Any], version: RewardModelVersion) -> dict[str, Any]:
+    return {"version": version.number, **{k: figs.get(k) for k in ("accuracy", "log_loss", "ece", "pairs")}}
+
+
+def version_activate(*, version: RewardModelVersion, actor: Any) -> RewardModelVersion:
+    """Make ``version`` the active model by hand (managers only), e.g. to roll back."""
+    member_role_require(project=version.project, user=actor, roles=(ProjectMember.Role.MANAGER,))
+    if version.kind not in REWARD_KINDS:
+        raise Invalid(f"a {version.kind} model cannot be the project's reward model")
+    with transaction.atomic():
+        Project.objects.select_for_update().filter(id=version.project_id).first()
+        RewardModelVersion.objects.filter(project_id=version.project_id, is_active=True).update(is_active=False)
+        version.is_active = True
+        version.decision = {**(version.decision or {}), "activated_by": actor.username, "activated_at": timezone.now().isoformat()}
+        version.save(update_fields=["is_active", "decision"])
+        from rewards.tasks import gpu_score_samples
+
+        transaction.on_commit(lambda: gpu_score_samples.delay(version.id))
+    return version
+
+
+# --- Scoring and active learning ------------------------------------------------------------------
+def version_score_samples(*, version_id: int, batch: int = 4096, progress: Callable[[int, int], None] | None = None) -> int:
+    """Score every sample of the version's project (embedding the new ones first) and store the
+    scores; then refresh the priorities of open comparisons when the version is active."""
+    version = RewardModelVersion.objects.select_related("project", "encoder", "job").get(id=version_id)
+    model = _load_version_model(version)
+    ids = list(Sample.objects.filter(project=version.project).order_by("id").values_list("id", flat=True))
+    embeddings_ensure(encoder=version.encoder, sample_ids=ids, frames=version.job.video_frames)
+    written = 0
+    for start in range(0, len(ids), batch):
+        chunk = ids[start : start + batch]
+        x, mask, prompt = features_load(encoder=version.encoder, sample_ids=chunk)
+        out = model.score(x, mask, prompt)
+        aspects = [json.dumps({k: float(v[i]) for k, v in (out.aspects or {}).items()}) for i in range(len(chunk))]
+        with connection.cursor() as cur:
+            cur.execute(
+                """
+                INSERT INTO rewards_samplescore (sample_id, version_id, reward, uncertainty, artifact_prob, aspects, created_at)
+                SELECT s, %s, r, u, p, a::jsonb, now()
+                FROM unnest(%s::bigint[], %s::float8[], %s::float8[], %s::float8[], %s::text[]) AS t(s, r, u, p, a)
+                ON CONFLICT (version_id, sample_id) DO UPDATE
+                SET reward = EXCLUDED.reward, uncertainty = EXCLUDED.uncertainty,
+                    artifact_prob = EXCLUDED.artifact_prob, aspects = EXCLUDED.aspects
+                """,
+                [
+                    version.id,
+                    chunk,
+                    [float(v) for v in out.reward],
+                    [None if out.uncertainty is None else float(v) for v in (out.uncertainty if out.uncertainty is not None else [None] * len(chunk))],
+                    [None if out.artifact_prob is None else float(v) for v in (out.artifact_prob if out.artifact_prob is not None else [None] * len(chunk))],
+                    aspects,
+                ],
+            )
+        written += len(chunk)
+        if progress:
+            progress(written, len(ids))
+    version.refresh_from_db(fields=["is_active"])
+    if version.is_active:
+        comparison_priorities_update(version=version, model=model)
+    return written
+
+
+def comparison_priorities_update(*, version: RewardModelVersion, model: Any = None) -> int:
+    """Active learning: set the priority of each open, non-gold pairwise comparison from how unsure
+    the model is about it: closeness of P(first wins) to 0.5 (1 at 0.5, 0 at certainty), plus the
+    ensemble's disagreement (std of member probabilities) when the model has one. ``next`` serves
+    the highest priority first."""
+    from rewards.ml.data import PairSet
+
+    model = model or _load_version_model(version)
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            SELECT c.id, min(cs.sample_id), max(cs.sample_id)
+            FROM annotate_comparison c JOIN annotate_comparisonsample cs ON cs.comparison_id = c.id
+            WHERE c.project_id = %s AND c.status = 'open' AND NOT c.is_gold
+            GROUP BY c.id HAVING count(*) = 2
+            """,
+            [version.project_id],
+        )
+        rows = cur.fetchall()
+    if not rows:
+        return 0
+    sample_ids = sorted({r[1] for r in rows} | {r[2] for r in rows})
+    embeddings_ensure(encoder=version.encoder, sample_ids=sample_ids, frames=version.job.video_frames)
+    x, mask, prompt = features_load(encoder=version.encoder, sample_ids=sample_ids)
+    pos = {sid: i for i, sid in enumerate(sample_ids)}
+    n = len(rows)
+    pairs = PairSet(
+        x=x,
+        mask=mask,
+        prompt=prompt,
+        a=np.array([pos[r[1]] for r in rows], dtype=np.int64),
+        b=np.array([pos[r[2]] for r in rows], dtype=np.int64),
+        outcome=np.ones(n, dtype=np.int8),
+        weight=np.ones(n, dtype=np.float32),
+    )
+    p = np.asarray(model.prob_first_wins(pairs), dtype=np.float64)
+    priority = 1.0 - 2.0 * np.abs(p - 0.5)
+    if hasattr(model, "pair_uncertainty") and getattr(model, "kind", "") == "ensemble":
+        priority = priority + 2.0 * np.asarray(model.pair_uncertainty(pairs), dtype=np.float64)
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            UPDATE annotate_comparison c SET priority = v.p
+            FROM unnest(%s::bigint[], %s::float8[]) AS v(id, p)
+            WHERE c.id = v.id AND c.status = 'open'
+            """,
+            [[r[0] for r in rows], [round(float(v), 6) for v in priority]],
+        )
+        return cur.rowcount
+
+
+# --- Periodic retraining ---------------------------------------------------------------------------
+def retrain_due(*, now: Any = None) -> list[int]:
+    """Launch a job for every project whose auto-retrain rule is met: at least N judgments since the
+    last job was created, or T minutes since it and at least one new judgment. Projects with a job
+    queued or running are skipped. Returns the new job ids."""
+    now = now or timezone.now()
+    launched: list[int] = []
+    for rc in RewardConfig.objects.filter(auto_retrain=True).select_related("project", "project__created_by"):
+        project = rc.project
+        jobs = RewardTrainingJob.objects.filter(project=project)
+        if jobs.filter(status__in=[RewardTrainingJob.Status.QUEUED, RewardTrainingJob.Status.RUNNING]).exists():
+            continue
+        last = jobs.order_by("-created_at").first()
+        since = last.created_at if last else None
+        judgments = Judgment.objects.filter(project=project)
+        new = judgments.filter(created_at__gt=since).count() if since else judgments.count()
+        due = new >= rc.retrain_min_new_judgments or bool(
+            rc.retrain_every_minutes and new > 0 and since and (now - since).total_seconds() >= rc.retrain_every_minutes * 60
+        )
+        if not due:
+            continue
+        try:
+            job = reward_job_create(project=project, actor=project.created_by, trigger=RewardTrainingJob.Trigger.AUTO)
+        except Invalid as exc:
+            log.warning("auto-retrain of %s not launched: %s", project.slug, exc.message)
+            continue
+        launched.append(job.id)
+    return launched
