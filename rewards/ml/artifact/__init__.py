@@ -1,0 +1,1 @@
+"""Artifact classifier: probability that a sample is flagged with an artifact."""

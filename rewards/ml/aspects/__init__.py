@@ -1,0 +1,1 @@
+"""Multi-aspect reward model: one Bradley-Terry head per aspect plus the overall head."""

@@ -1,0 +1,91 @@
+"""Config of the multi-aspect reward model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from rewards.ml.progress import ConfigError, check_common, check_pairwise, config_from_dict
+
+
+@dataclass
+class AspectsConfig:
+    """One Bradley-Terry head per aspect (prompt alignment, aesthetics, ...) plus the overall head, each with
+    its own tie parameter, trained together on shared features: the loss is the sum of the heads' losses, and
+    a pair whose aspect outcome is MISSING is masked out of that aspect's head only.
+
+    Ties: ``ties`` picks the tie model (Davidson or Rao-Kupper, each with one learned tie parameter), or
+    ``"none"`` to drop ties and train plain Bradley-Terry.
+
+    Both-bad: ``both_bad="drop"`` (default) ignores "both bad" judgments, because they say both samples are
+    below a bar, not that they are equal, so they carry no pairwise preference; ``"tie"`` counts them as ties
+    (needs a tie model).
+
+    The defaults train a head on 100k pairs of 512-d features in a few seconds on 2 CPU cores.
+    """
+
+    epochs: int = 4
+    """Passes over the training pairs (1..1000); raised when needed to reach ``min_steps``."""
+    min_steps: int = 300
+    """At least this many optimiser steps: a small data set gets more epochs than ``epochs`` (2,000 pairs
+    at batch 1024 would otherwise be 8 steps). 0 = exactly ``epochs``."""
+    batch_size: int = 1024
+    """Pairs per optimiser step."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate; a 2% linear warm-up, then cosine decay to 0."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay on the scorer's weight matrices (not on biases or tie parameters)."""
+    hidden: int = 0
+    """Width of the scorer's hidden layers; 0 (default) makes the head linear in [x, x * prompt], which on
+    CLIP-like features learns as well as an MLP and overfits less (measured: 100k pairs, 10% label noise)."""
+    hidden_layers: int = 1
+    """Number of hidden layers (GELU); ignored when ``hidden`` is 0."""
+    dropout: float = 0.0
+    """Dropout after each hidden layer, in [0, 1)."""
+    pooling: str = "mean"
+    """How the K vectors of a sample (video frames) are pooled: ``"mean"`` over real vectors, or
+    ``"attention"`` (a learned query, softmax over real frames). Irrelevant for K=1."""
+    use_prompt: bool = True
+    """Condition on the prompt embedding ([x, x * prompt], PickScore-like) when the data has prompts."""
+    ties: str = "davidson"
+    """Tie model: ``"davidson"``, ``"rao_kupper"`` or ``"none"`` (ties dropped)."""
+    both_bad: str = "drop"
+    """"Both bad" judgments: ``"drop"`` (no pairwise preference) or ``"tie"`` (count as a tie)."""
+    aspects: list[str] | None = None
+    """The aspect heads, in order; None takes every aspect key in the training data (sorted). A listed
+    aspect the data does not have is an error."""
+    seed: int = 0
+    """Seeds torch (initialisation, dropout) and numpy (shuffling)."""
+    device: str = "cpu"
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``; an unavailable device is an error, not a fallback."""
+    dtype: str = "float32"
+    """Parameter and feature dtype: ``"float32"`` or ``"float64"``."""
+    num_threads: int | None = None
+    """torch CPU threads during training; None leaves the process's setting alone."""
+    log_every_steps: int = 50
+    """Report progress at least every this many steps (and at least every 0.5 s, and at each epoch end)."""
+
+    def validate(self) -> None:
+        """Raise ``ConfigError(field, message)`` for the first out-of-range field."""
+        check_common(self)
+        check_pairwise(self)
+        if self.aspects is not None:
+            if not isinstance(self.aspects, list) or not self.aspects:
+                raise ConfigError("aspects", "must be a non-empty list of aspect keys, or null for all")
+            if not all(isinstance(k, str) and k for k in self.aspects):
+                raise ConfigError("aspects", "every aspect key must be a non-empty string")
+            if len(set(self.aspects)) != len(self.aspects):
+                raise ConfigError("aspects", "aspect keys must be unique")
+            if "overall" in self.aspects:
+                raise ConfigError("aspects", "'overall' is the overall head, not an aspect")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AspectsConfig:
+        """Build and validate; unknown keys are a ConfigError naming them."""
+        return config_from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["aspects"] = None if self.aspects is None else list(self.aspects)
+        return data

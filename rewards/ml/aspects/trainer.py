@@ -1,0 +1,114 @@
+"""Train a multi-aspect reward model on cached features (see ``AspectsConfig``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from rewards.ml.aspects.config import AspectsConfig
+from rewards.ml.data import PairSet
+from rewards.ml.heads import (
+    DeviceFeatures,
+    cosine_lr,
+    initial_tie_param,
+    pair_nll,
+    pair_targets,
+    resolve_device,
+    standardiser_sample,
+    torch_dtype,
+    torch_threads,
+)
+from rewards.ml.metrics import holdout_metrics
+from rewards.ml.model import AspectsRewardModel
+from rewards.ml.progress import Progress, ProgressLog, is_eval_epoch, run_epochs
+
+
+def train(
+    config: AspectsConfig,
+    train: PairSet,
+    *,
+    holdout: PairSet | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> AspectsRewardModel:
+    """Fit the overall head and one head per aspect to ``train``'s pairs; ``holdout`` is evaluated at each
+    epoch end. A ``TrainingCancelled`` raised by ``progress`` propagates unchanged."""
+    config.validate()
+    device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
+    aspects = sorted(train.aspects) if config.aspects is None else list(config.aspects)
+    if not aspects:
+        raise ValueError("the training data has no aspects; train a 'bt' model instead")
+    unknown = [key for key in aspects if key not in train.aspects]
+    if unknown:
+        raise ValueError(f"aspects {unknown} are not in the training data (has: {sorted(train.aspects)})")
+    with torch_threads(config.num_threads):
+        torch.manual_seed(config.seed)
+        rng = np.random.default_rng(config.seed)
+
+        # Column 0 is the overall outcome, then one column per aspect; weight 0 masks a pair out of a head
+        # (MISSING aspect, dropped both-bad / tie).
+        columns = [train.outcome] + [train.aspects[key] for key in aspects]
+        prepared = [
+            pair_targets(c, train.weight, ties=config.ties, both_bad=config.both_bad) for c in columns
+        ]
+        target = np.stack([t for t, _ in prepared], axis=1)
+        weight = np.stack([w for _, w in prepared], axis=1)
+        keep = np.flatnonzero((weight > 0).any(axis=1))
+        if not keep.size:
+            raise ValueError(
+                "no pairs to train on: every outcome is missing, dropped both-bad or a dropped tie"
+            )
+        a = torch.as_tensor(train.a[keep], dtype=torch.long, device=device)
+        b = torch.as_tensor(train.b[keep], dtype=torch.long, device=device)
+        target_t = torch.as_tensor(target[keep], device=device)
+        weight_t = torch.as_tensor(weight[keep], device=device, dtype=dtype)
+
+        features = DeviceFeatures(train, device, dtype, config.use_prompt)
+        resolved = dataclasses.replace(config, aspects=aspects)
+        model = AspectsRewardModel(
+            config=resolved.to_dict(),
+            dim=train.dim,
+            k=int(train.x.shape[1]),
+            prompt_conditioned=features.prompt is not None,
+        ).to(device=device, dtype=dtype)
+        sample = standardiser_sample(np.concatenate([train.a[keep], train.b[keep]]), rng)
+        model.scorer.fit_standardiser(features.mean_inputs(torch.as_tensor(sample, device=device)))
+        optimizer = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.lr)
+        assert model.tie_param is not None
+        with torch.no_grad():
+            model.tie_param.copy_(torch.as_tensor(initial_tie_param(target[keep], weight[keep])))
+
+        n = keep.size
+        steps_per_epoch = math.ceil(n / config.batch_size)
+        epochs = run_epochs(config, steps_per_epoch)
+        total_steps = epochs * steps_per_epoch
+        log = ProgressLog(
+            total_steps=total_steps, epochs=epochs, log_every_steps=config.log_every_steps, callback=progress
+        )
+        step = 0
+        for epoch in range(1, epochs + 1):
+            model.train()
+            order = torch.as_tensor(rng.permutation(n), device=device)
+            for start in range(0, n, config.batch_size):
+                batch = order[start : start + config.batch_size]
+                x, mask, prompt = features.take(torch.cat([a[batch], b[batch]]))
+                r_a, r_b = model(x, mask, prompt).split(len(batch))  # (B, 1 + aspects) each
+                # Sum over heads of each head's weighted mean loss.
+                loss = pair_nll(r_a - r_b, target_t[batch], weight_t[batch], model.tie_param, config.ties)
+
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(step, total_steps, config.lr)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                log.step_done(step, epoch, loss.item())
+            model.eval()
+            if is_eval_epoch(epoch, epochs):
+                log.epoch_done(step, epoch, holdout_metrics(model, holdout))
+        model.curves = log.curves
+        model.eval()
+        return model

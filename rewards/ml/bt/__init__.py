@@ -1,0 +1,1 @@
+"""Bradley-Terry reward head on cached features, with Davidson or Rao-Kupper ties."""

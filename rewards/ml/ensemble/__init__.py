@@ -1,0 +1,1 @@
+"""Ensemble of Bradley-Terry heads on bootstrap resamples: reward = mean, uncertainty = spread."""

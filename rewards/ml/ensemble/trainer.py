@@ -1,0 +1,108 @@
+"""Train an ensemble of Bradley-Terry heads on bootstrap resamples (see ``EnsembleConfig``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from rewards.ml.data import PairSet
+from rewards.ml.ensemble.config import EnsembleConfig
+from rewards.ml.heads import (
+    DeviceFeatures,
+    cosine_lr,
+    initial_tie_param,
+    pair_nll,
+    pair_targets,
+    resolve_device,
+    standardiser_sample,
+    torch_dtype,
+    torch_threads,
+)
+from rewards.ml.metrics import holdout_metrics
+from rewards.ml.model import EnsembleRewardModel
+from rewards.ml.progress import Progress, ProgressLog, is_eval_epoch, run_epochs
+
+
+def train(
+    config: EnsembleConfig,
+    train: PairSet,
+    *,
+    holdout: PairSet | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> EnsembleRewardModel:
+    """Fit ``n_members`` heads at once, member m on bootstrap resample m; ``holdout`` is evaluated at each
+    epoch end. A ``TrainingCancelled`` raised by ``progress`` propagates unchanged."""
+    config.validate()
+    device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
+    with torch_threads(config.num_threads):
+        torch.manual_seed(config.seed)
+        rng = np.random.default_rng(config.seed)
+
+        target, weight = pair_targets(train.outcome, train.weight, ties=config.ties, both_bad=config.both_bad)
+        keep = np.flatnonzero(weight > 0)
+        if not keep.size:
+            raise ValueError("no pairs to train on: every pair is missing, dropped both-bad or a dropped tie")
+        n, members = keep.size, config.n_members
+        # Bootstrap as counts: member m sees pair i counts[i, m] times (n draws with replacement, seeded per
+        # member). All members then share each batch's features; a count of 0 leaves the pair out of m.
+        counts = np.stack(
+            [
+                np.bincount(np.random.default_rng([config.seed, m]).integers(0, n, n), minlength=n)
+                for m in range(members)
+            ],
+            axis=1,
+        )
+        a = torch.as_tensor(train.a[keep], dtype=torch.long, device=device)
+        b = torch.as_tensor(train.b[keep], dtype=torch.long, device=device)
+        target_t = torch.as_tensor(target[keep], device=device)[:, None]
+        weight_t = torch.as_tensor(weight[keep][:, None] * counts, device=device, dtype=dtype)  # (n, members)
+
+        features = DeviceFeatures(train, device, dtype, config.use_prompt)
+        model = EnsembleRewardModel(
+            config=config.to_dict(),
+            dim=train.dim,
+            k=int(train.x.shape[1]),
+            prompt_conditioned=features.prompt is not None,
+        ).to(device=device, dtype=dtype)
+        sample = standardiser_sample(np.concatenate([train.a[keep], train.b[keep]]), rng)
+        model.scorer.fit_standardiser(features.mean_inputs(torch.as_tensor(sample, device=device)))
+        optimizer = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.lr)
+        assert model.tie_param is not None
+        with torch.no_grad():
+            model.tie_param.copy_(
+                torch.as_tensor(initial_tie_param(target[keep, None], weight[keep, None] * counts))
+            )
+
+        steps_per_epoch = math.ceil(n / config.batch_size)
+        epochs = run_epochs(config, steps_per_epoch)
+        total_steps = epochs * steps_per_epoch
+        log = ProgressLog(
+            total_steps=total_steps, epochs=epochs, log_every_steps=config.log_every_steps, callback=progress
+        )
+        step = 0
+        for epoch in range(1, epochs + 1):
+            model.train()
+            order = torch.as_tensor(rng.permutation(n), device=device)
+            for start in range(0, n, config.batch_size):
+                batch = order[start : start + config.batch_size]
+                x, mask, prompt = features.take(torch.cat([a[batch], b[batch]]))
+                r_a, r_b = model(x, mask, prompt).split(len(batch))  # (B, members) each
+                # Sum of the members' losses: each member's gradient is what it would be trained alone.
+                loss = pair_nll(r_a - r_b, target_t[batch], weight_t[batch], model.tie_param, config.ties)
+
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(step, total_steps, config.lr)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                log.step_done(step, epoch, loss.item() / members)
+            model.eval()
+            if is_eval_epoch(epoch, epochs):
+                log.epoch_done(step, epoch, holdout_metrics(model, holdout))
+        model.curves = log.curves
+        model.eval()
+        return model
