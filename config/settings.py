@@ -162,7 +162,10 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_BEAT_SCHEDULE = {
     "expire-leases": {"task": "annotate.tasks.expire_leases", "schedule": 30.0},
     # Per-project rules (N new judgments / every T minutes) live in each project's RewardConfig.
-    "reward-retrain-due": {"task": "rewards.tasks.retrain_due", "schedule": env_float("RL_RETRAIN_CHECK_SECONDS", 15.0, minimum=1.0)},
+    "reward-retrain-due": {
+        "task": "rewards.tasks.retrain_due",
+        "schedule": env_float("RL_RETRAIN_CHECK_SECONDS", 15.0, minimum=1.0),
+    },
 }
 CELERY_TIMEZONE = "UTC"
 # Fewer judged pairs than this and a reward-model job is refused at launch.

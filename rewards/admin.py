@@ -28,6 +28,11 @@ def _pct(value: Any) -> str:
     return "—" if value is None else f"{100 * float(value):.1f}%"
 
 
+def _chart(series: dict[str, list[tuple[float, float]]]) -> str:
+    svg = plots.line_chart(series, title="held-out accuracy during training", xlabel="step")
+    return mark_safe(svg)  # noqa: S308 - plots escape every label
+
+
 @admin.register(Encoder)
 class EncoderAdmin(admin.ModelAdmin):
     list_display = ["name", "family", "model_type", "dim", "path", "created_at"]
@@ -41,8 +46,15 @@ class RewardConfigForm(forms.ModelForm):
     class Meta:
         model = RewardConfig
         fields = [
-            "project", "encoder_path", "kind", "hyperparameters", "holdout", "video_frames", "auto_retrain",
-            "retrain_min_new_judgments", "retrain_every_minutes",
+            "project",
+            "encoder_path",
+            "kind",
+            "hyperparameters",
+            "holdout",
+            "video_frames",
+            "auto_retrain",
+            "retrain_min_new_judgments",
+            "retrain_every_minutes",
         ]
 
     def clean(self) -> dict[str, Any]:
@@ -59,14 +71,23 @@ class RewardConfigForm(forms.ModelForm):
 @admin.register(RewardConfig)
 class RewardConfigAdmin(admin.ModelAdmin):
     form = RewardConfigForm
-    list_display = ["project", "kind", "encoder_path", "auto_retrain", "retrain_min_new_judgments", "retrain_every_minutes"]
+    list_display = [
+        "project",
+        "kind",
+        "encoder_path",
+        "auto_retrain",
+        "retrain_min_new_judgments",
+        "retrain_every_minutes",
+    ]
     list_editable = ["auto_retrain", "retrain_min_new_judgments", "retrain_every_minutes"]
 
 
 class LaunchForm(forms.Form):
     project = forms.ModelChoiceField(queryset=Project.objects.order_by("slug"))
     kind = forms.ChoiceField(choices=KIND_CHOICES, initial="bt")
-    encoder_path = forms.CharField(required=False, help_text="Local encoder directory; blank: the project's reward config.")
+    encoder_path = forms.CharField(
+        required=False, help_text="Local encoder directory; blank: the project's reward config."
+    )
     snapshot = forms.ModelChoiceField(
         queryset=DatasetSnapshot.objects.filter(status="done", spec__schema="raw").order_by("-created_at"),
         required=False,
@@ -80,7 +101,9 @@ class LaunchForm(forms.Form):
     )
     holdout = forms.FloatField(initial=0.2, min_value=0.05, max_value=0.5)
     device = forms.CharField(initial="cpu")
-    promote = forms.BooleanField(initial=True, required=False, help_text="Run champion/challenger afterwards.")
+    promote = forms.BooleanField(
+        initial=True, required=False, help_text="Run champion/challenger afterwards."
+    )
 
     def clean_hyperparameters(self) -> dict[str, Any]:
         raw = self.cleaned_data.get("hyperparameters") or "{}"
@@ -95,12 +118,38 @@ class LaunchForm(forms.Form):
 
 @admin.register(RewardTrainingJob)
 class RewardTrainingJobAdmin(admin.ModelAdmin):
-    list_display = ["id", "project", "kind", "status", "progress_display", "trigger", "created_at", "version_link"]
+    list_display = [
+        "id",
+        "project",
+        "kind",
+        "status",
+        "progress_display",
+        "trigger",
+        "created_at",
+        "version_link",
+    ]
     list_filter = ["status", "kind", "trigger", "project"]
     readonly_fields = [
-        "project", "kind", "encoder", "encoder_path", "snapshot", "config", "holdout", "video_frames", "device",
-        "promote", "trigger", "status", "progress_display", "cancel_requested", "error", "created_by",
-        "created_at", "started_at", "finished_at", "version_link",
+        "project",
+        "kind",
+        "encoder",
+        "encoder_path",
+        "snapshot",
+        "config",
+        "holdout",
+        "video_frames",
+        "device",
+        "promote",
+        "trigger",
+        "status",
+        "progress_display",
+        "cancel_requested",
+        "error",
+        "created_by",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "version_link",
     ]
     exclude = ["progress"]
     actions = ["cancel_jobs"]
@@ -122,7 +171,9 @@ class RewardTrainingJobAdmin(admin.ModelAdmin):
         version = RewardModelVersion.objects.filter(job=job).first()
         if version is None:
             return "—"
-        return format_html('<a href="../../rewardmodelversion/{}/change/">v{}</a>', version.id, version.number)
+        return format_html(
+            '<a href="../../rewardmodelversion/{}/change/">v{}</a>', version.id, version.number
+        )
 
     def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
         if obj is None:
@@ -161,14 +212,24 @@ class RewardTrainingJobAdmin(admin.ModelAdmin):
                     from django.shortcuts import redirect
 
                     return redirect(f"../{job.id}/change/")
-            context = {**self.admin_site.each_context(request), "title": "Launch a reward training job",
-                       "form": form, "opts": self.model._meta}
+            context = {
+                **self.admin_site.each_context(request),
+                "title": "Launch a reward training job",
+                "form": form,
+                "opts": self.model._meta,
+            }
             return TemplateResponse(request, "admin/rewards/launch.html", context)
-        context = {**self.admin_site.each_context(request), "title": "Launch a reward training job",
-                   "form": LaunchForm(), "opts": self.model._meta}
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Launch a reward training job",
+            "form": LaunchForm(),
+            "opts": self.model._meta,
+        }
         return TemplateResponse(request, "admin/rewards/launch.html", context)
 
-    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None) -> HttpResponse:
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None
+    ) -> HttpResponse:
         job = RewardTrainingJob.objects.filter(id=object_id).first()
         extra = dict(extra_context or {})
         # Watching a running job: the page reloads itself every 2 s until the job ends.
@@ -192,11 +253,30 @@ class RewardTrainingJobAdmin(admin.ModelAdmin):
 
 @admin.register(RewardModelVersion)
 class RewardModelVersionAdmin(admin.ModelAdmin):
-    list_display = ["__str__", "is_active", "holdout_acc", "gold_acc", "majority", "ece", "decision_text", "created_at"]
+    list_display = [
+        "__str__",
+        "is_active",
+        "holdout_acc",
+        "gold_acc",
+        "majority",
+        "ece",
+        "decision_text",
+        "created_at",
+    ]
     list_filter = ["project", "kind", "is_active"]
     readonly_fields = [
-        "project", "number", "job", "kind", "encoder", "snapshot", "path", "is_active", "metrics_table",
-        "curves_plot", "decision", "created_at",
+        "project",
+        "number",
+        "job",
+        "kind",
+        "encoder",
+        "snapshot",
+        "path",
+        "is_active",
+        "metrics_table",
+        "curves_plot",
+        "decision",
+        "created_at",
     ]
     exclude = ["metrics", "curves"]
     actions = ["make_active", "compare"]
@@ -247,7 +327,9 @@ class RewardModelVersionAdmin(admin.ModelAdmin):
             self.message_user(request, "Select exactly one version.", messages.WARNING)
             return
         try:
-            v = services.version_activate(version=queryset.select_related("project").first(), actor=request.user)
+            v = services.version_activate(
+                version=queryset.select_related("project").first(), actor=request.user
+            )
         except ServiceError as exc:
             self.message_user(request, exc.message, messages.ERROR)
             return
@@ -256,7 +338,14 @@ class RewardModelVersionAdmin(admin.ModelAdmin):
     @admin.action(description="Compare the selected versions")
     def compare(self, request: HttpRequest, queryset: Any) -> HttpResponse:
         versions = list(queryset.select_related("project", "encoder").order_by("project_id", "number"))
-        keys = ["holdout_accuracy", "gold_accuracy", "majority_agreement", "ece", "train_pairs", "holdout_pairs"]
+        keys = [
+            "holdout_accuracy",
+            "gold_accuracy",
+            "majority_agreement",
+            "ece",
+            "train_pairs",
+            "holdout_pairs",
+        ]
         series = {
             f"{v.project.slug} v{v.number}": [
                 (float(c["step"]), float(c["holdout_accuracy"]))
@@ -278,7 +367,7 @@ class RewardModelVersionAdmin(admin.ModelAdmin):
             "title": "Compare reward model versions",
             "keys": keys,
             "rows": rows,
-            "chart": mark_safe(plots.line_chart(series, title="held-out accuracy during training", xlabel="step")),  # noqa: S308
+            "chart": _chart(series),
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/rewards/compare.html", context)

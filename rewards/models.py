@@ -138,7 +138,9 @@ class RewardTrainingJob(models.Model):
     class Meta:
         indexes = [models.Index(fields=["project", "-created_at"], name="reward_job_project_time")]
         constraints = [
-            models.CheckConstraint(condition=Q(holdout__gt=0) & Q(holdout__lt=1), name="reward_job_holdout_range")
+            models.CheckConstraint(
+                condition=Q(holdout__gt=0) & Q(holdout__lt=1), name="reward_job_holdout_range"
+            )
         ]
 
     def __str__(self) -> str:
@@ -154,10 +156,14 @@ class RewardModelVersion(models.Model):
     kind = models.CharField(max_length=20, choices=KIND_CHOICES)
     encoder = models.ForeignKey(Encoder, on_delete=models.PROTECT, related_name="versions")
     snapshot = models.ForeignKey(DatasetSnapshot, on_delete=models.PROTECT, related_name="reward_versions")
-    path = models.CharField(max_length=1000, help_text="save_pretrained directory (config.json + safetensors).")
+    path = models.CharField(
+        max_length=1000, help_text="save_pretrained directory (config.json + safetensors)."
+    )
     metrics = models.JSONField(default=dict, help_text="holdout, gold, majority agreement, calibration ...")
     curves = models.JSONField(default=list, blank=True)
-    decision = models.JSONField(default=dict, blank=True, help_text="Champion/challenger outcome and figures.")
+    decision = models.JSONField(
+        default=dict, blank=True, help_text="Champion/challenger outcome and figures."
+    )
     is_active = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 

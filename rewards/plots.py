@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from html import escape
+from typing import Any
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
@@ -67,7 +68,9 @@ def line_chart(
     for t in _ticks(x0, x1):
         parts.append(f'<text x="{px(t):.1f}" y="{top + ph + 12}" text-anchor="middle">{_fmt(t)}</text>')
     if xlabel:
-        parts.append(f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle">{escape(xlabel)}</text>')
+        parts.append(
+            f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle">{escape(xlabel)}</text>'
+        )
     for i, (name, pts) in enumerate(clean.items()):
         color = COLORS[i % len(COLORS)]
         path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
@@ -81,7 +84,11 @@ def line_chart(
     return "".join(parts)
 
 
-def curves_chart(curves: Sequence[Mapping[str, object]], key: str, *, title: str) -> str:
+def curves_chart(curves: Sequence[Mapping[str, Any]], key: str, *, title: str) -> str:
     """One chart of ``key`` over training steps, from a version's logged curves."""
-    pts = [(float(c["step"]), float(c[key])) for c in curves if c.get(key) is not None and c.get("step") is not None]  # type: ignore[arg-type]
+    pts = [
+        (float(c["step"]), float(c[key]))
+        for c in curves
+        if c.get(key) is not None and c.get("step") is not None
+    ]
     return line_chart({key: pts}, title=title, xlabel="step")

@@ -39,10 +39,10 @@ from rewards.models import (
 
 log = logging.getLogger(__name__)
 
+
 # Fewer judged pairs than this cannot give a meaningful model or held-out figure.
 def _min_pairs() -> int:
     return int(getattr(settings, "RL_REWARD_MIN_PAIRS", 10))
-
 
 
 EMBED_BATCH = 32
@@ -143,12 +143,16 @@ def embeddings_ensure(
     ``ON CONFLICT DO NOTHING``, so two jobs embedding the same samples at once both succeed."""
     wanted = sorted(set(sample_ids))
     have = set(
-        SampleEmbedding.objects.filter(encoder=encoder, sample_id__in=wanted).values_list("sample_id", flat=True)
+        SampleEmbedding.objects.filter(encoder=encoder, sample_id__in=wanted).values_list(
+            "sample_id", flat=True
+        )
     )
     todo = [sid for sid in wanted if sid not in have]
     prompt_ids = set(Sample.objects.filter(id__in=wanted).values_list("prompt_id", flat=True))
     prompts_have = set(
-        PromptEmbedding.objects.filter(encoder=encoder, prompt_id__in=prompt_ids).values_list("prompt_id", flat=True)
+        PromptEmbedding.objects.filter(encoder=encoder, prompt_id__in=prompt_ids).values_list(
+            "prompt_id", flat=True
+        )
     )
     prompts_todo = sorted(prompt_ids - prompts_have)
     total = len(todo) + len(prompts_todo)
@@ -181,7 +185,9 @@ def embeddings_ensure(
     from annotate.models import Prompt
 
     for start in range(0, len(prompts_todo), EMBED_BATCH * 2):
-        prompts = list(Prompt.objects.filter(id__in=prompts_todo[start : start + EMBED_BATCH * 2]).order_by("id"))
+        prompts = list(
+            Prompt.objects.filter(id__in=prompts_todo[start : start + EMBED_BATCH * 2]).order_by("id")
+        )
         vecs = model.embed_texts([p.text for p in prompts])
         PromptEmbedding.objects.bulk_create(
             [
@@ -205,7 +211,9 @@ def _embedding_row(encoder: Encoder, sample: Sample, vectors: np.ndarray) -> Sam
     )
 
 
-def features_load(*, encoder: Encoder, sample_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def features_load(
+    *, encoder: Encoder, sample_ids: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cached features of ``sample_ids`` in that order: ``x (S, K, D)``, ``mask (S, K)`` and the
     prompt vectors ``(S, D)``. Every sample must be embedded already."""
     ids = list(sample_ids)
@@ -224,7 +232,9 @@ def features_load(*, encoder: Encoder, sample_ids: Sequence[int]) -> tuple[np.nd
         found = {row[0]: row[1:] for row in cur.fetchall()}
     missing = [sid for sid in ids if sid not in found or found[sid][2] is None]
     if missing:
-        raise Invalid(f"{len(missing)} sample(s) have no cached embedding under {encoder.name}, e.g. {missing[:5]}")
+        raise Invalid(
+            f"{len(missing)} sample(s) have no cached embedding under {encoder.name}, e.g. {missing[:5]}"
+        )
     k = max((found[sid][0] for sid in ids), default=1)
     x = np.zeros((len(ids), k, dim), dtype=np.float32)
     mask = np.zeros((len(ids), k), dtype=bool)
@@ -267,7 +277,16 @@ def _snapshot_rows(snapshot: DatasetSnapshot) -> Iterable[dict[str, Any]]:
 
             table = pq.read_table(
                 fh,
-                columns=["comparison_id", "sample_ids", "outcome", "ranking", "aspects", "artifacts", "is_gold", "gold_answer"],
+                columns=[
+                    "comparison_id",
+                    "sample_ids",
+                    "outcome",
+                    "ranking",
+                    "aspects",
+                    "artifacts",
+                    "is_gold",
+                    "gold_answer",
+                ],
             )
             yield from table.to_pylist()
         else:
@@ -298,7 +317,11 @@ def snapshot_pairs(*, snapshot: DatasetSnapshot) -> JudgedPairs:
     for row in _snapshot_rows(snapshot):
         ids = [int(s) for s in row["sample_ids"]]
         cid = int(row["comparison_id"])
-        flags = {int(f["sample"]) for f in (_json_field(row.get("artifacts")) or []) if isinstance(f, dict) and f.get("sample") is not None}
+        flags = {
+            int(f["sample"])
+            for f in (_json_field(row.get("artifacts")) or [])
+            if isinstance(f, dict) and f.get("sample") is not None
+        }
         for sid in ids:
             i = ix(sid)
             flagged[i] = max(flagged.get(i, 0), 1 if sid in flags else 0)
@@ -347,12 +370,12 @@ def snapshot_pairs(*, snapshot: DatasetSnapshot) -> JudgedPairs:
     )
 
 
-def _unit_hash(*parts: int) -> np.ndarray:
+def _unit_hash(salt_id: int, ids: np.ndarray) -> np.ndarray:
     """A stable pseudo-random number in [0, 1) per id: the held-out split must be the same for every
     version of a project, so that champion and challenger are compared on pairs neither trained on."""
-    out = np.empty(len(parts[-1]), dtype=np.float64)
-    salt = str(parts[0]).encode()
-    for i, value in enumerate(parts[-1]):
+    out = np.empty(len(ids), dtype=np.float64)
+    salt = str(salt_id).encode()
+    for i, value in enumerate(ids):
         digest = hashlib.blake2b(salt + b":" + str(int(value)).encode(), digest_size=8).digest()
         out[i] = int.from_bytes(digest, "big") / 2**64
     return out
@@ -366,7 +389,15 @@ class Split:
     sample_ids: list[int]
 
 
-def pairs_split(*, project: Project, pairs: JudgedPairs, x: np.ndarray, mask: np.ndarray, prompt: np.ndarray, holdout: float) -> Split:
+def pairs_split(
+    *,
+    project: Project,
+    pairs: JudgedPairs,
+    x: np.ndarray,
+    mask: np.ndarray,
+    prompt: np.ndarray,
+    holdout: float,
+) -> Split:
     """Train/held-out/gold PairSets. Held out by comparison (every vote on a comparison goes to the
     same side) with a per-project stable hash; gold comparisons never train, they are scored apart."""
     from rewards.ml.data import PairSet
@@ -426,14 +457,20 @@ def _resolve_config(kind: str, overrides: dict[str, Any], device: str) -> dict[s
         config = CONFIGS[kind].from_dict(values)
         config.validate()
     except ConfigError as exc:
-        raise Invalid(f"hyperparameter {exc.field}: {exc.message}", code="bad_hyperparameter", details={"field": exc.field}) from exc
+        raise Invalid(
+            f"hyperparameter {exc.field}: {exc.message}",
+            code="bad_hyperparameter",
+            details={"field": exc.field},
+        ) from exc
     return config.to_dict()
 
 
 def _raw_spec() -> Any:
     from annotate import exports
 
-    return exports.spec_from_params({"schema": "raw", "format": "parquet", "aggregate": "none", "media": "url"})
+    return exports.spec_from_params(
+        {"schema": "raw", "format": "parquet", "aggregate": "none", "media": "url"}
+    )
 
 
 def _count_pairs_expected(project: Project, snapshot: DatasetSnapshot | None) -> int:
@@ -488,15 +525,20 @@ def reward_job_create(
         if snapshot.status == DatasetSnapshot.Status.FAILED:
             raise Invalid(f"snapshot {snapshot.id} failed to build: {snapshot.error}")
     if not Judgment.objects.filter(project=project).exists():
-        raise Invalid(f"project {project.slug!r} has no judgments yet: nothing to train on", code="no_judgments")
+        raise Invalid(
+            f"project {project.slug!r} has no judgments yet: nothing to train on", code="no_judgments"
+        )
     pairs = _count_pairs_expected(project, snapshot)
     if pairs < _min_pairs():
         raise Invalid(
-            f"too few judged pairs to train on: {pairs} (at least {_min_pairs()} needed)", code="too_few_pairs"
+            f"too few judged pairs to train on: {pairs} (at least {_min_pairs()} needed)",
+            code="too_few_pairs",
         )
     with transaction.atomic():
         if snapshot is None:
-            snapshot = snapshot_create(project=project, actor=actor, spec=_raw_spec(), name=f"reward-{kind}", dispatch=False)
+            snapshot = snapshot_create(
+                project=project, actor=actor, spec=_raw_spec(), name=f"reward-{kind}", dispatch=False
+            )
         job = RewardTrainingJob.objects.create(
             project=project,
             kind=kind,
@@ -525,7 +567,11 @@ def reward_job_cancel(*, job: RewardTrainingJob, actor: Any) -> RewardTrainingJo
     member_role_require(project=job.project, user=actor, roles=(ProjectMember.Role.MANAGER,))
     with transaction.atomic():
         job = RewardTrainingJob.objects.select_for_update().get(id=job.id)
-        if job.status in (RewardTrainingJob.Status.SUCCEEDED, RewardTrainingJob.Status.FAILED, RewardTrainingJob.Status.CANCELLED):
+        if job.status in (
+            RewardTrainingJob.Status.SUCCEEDED,
+            RewardTrainingJob.Status.FAILED,
+            RewardTrainingJob.Status.CANCELLED,
+        ):
             raise Conflict(f"job {job.id} already {job.status}")
         job.cancel_requested = True
         fields = ["cancel_requested"]
@@ -570,7 +616,9 @@ class _Reporter:
 
     def phase(self, name: str, **state: Any) -> None:
         # Training figures stay visible after training (the final step and loss); the rest resets.
-        kept = {k: v for k, v in self.state.items() if k in ("step", "total_steps", "epoch", "epochs", "loss")}
+        kept = {
+            k: v for k, v in self.state.items() if k in ("step", "total_steps", "epoch", "epochs", "loss")
+        }
         self.state = {**kept, "phase": name, **state}
         self(force=True)
 
@@ -586,7 +634,11 @@ def reward_job_run(*, job_id: int, progress: ProgressFn | None = None) -> Reward
     from rewards.ml.progress import TrainingCancelled
 
     with transaction.atomic():
-        job = RewardTrainingJob.objects.select_for_update().select_related("project", "encoder", "snapshot").get(id=job_id)
+        job = (
+            RewardTrainingJob.objects.select_for_update()
+            .select_related("project", "encoder", "snapshot")
+            .get(id=job_id)
+        )
         if job.status not in (RewardTrainingJob.Status.QUEUED, RewardTrainingJob.Status.RUNNING):
             return job
         job.status = RewardTrainingJob.Status.RUNNING
@@ -599,17 +651,24 @@ def reward_job_run(*, job_id: int, progress: ProgressFn | None = None) -> Reward
         version = _train(job, report)
     except TrainingCancelled:
         RewardTrainingJob.objects.filter(id=job.id).update(
-            status=RewardTrainingJob.Status.CANCELLED, finished_at=timezone.now(), progress={**report.state, "phase": "cancelled"}
+            status=RewardTrainingJob.Status.CANCELLED,
+            finished_at=timezone.now(),
+            progress={**report.state, "phase": "cancelled"},
         )
     except Exception as exc:
         log.exception("reward job %s failed", job.id)
         message = exc.message if isinstance(exc, Invalid) else f"{type(exc).__name__}: {exc}"
         RewardTrainingJob.objects.filter(id=job.id).update(
-            status=RewardTrainingJob.Status.FAILED, finished_at=timezone.now(), error=message, progress={**report.state, "phase": "failed"}
+            status=RewardTrainingJob.Status.FAILED,
+            finished_at=timezone.now(),
+            error=message,
+            progress={**report.state, "phase": "failed"},
         )
     else:
         RewardTrainingJob.objects.filter(id=job.id).update(
-            status=RewardTrainingJob.Status.SUCCEEDED, finished_at=timezone.now(), progress={**report.state, "phase": "done"}
+            status=RewardTrainingJob.Status.SUCCEEDED,
+            finished_at=timezone.now(),
+            progress={**report.state, "phase": "done"},
         )
         if version.is_active:
             from rewards.tasks import gpu_score_samples
@@ -633,7 +692,9 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
             raise Invalid(f"snapshot {snapshot.id} is {snapshot.status}, not built")
     pairs = snapshot_pairs(snapshot=snapshot)
     if pairs.a.shape[0] < _min_pairs():
-        raise Invalid(f"too few judged pairs to train on: {pairs.a.shape[0]} (at least {_min_pairs()} needed)")
+        raise Invalid(
+            f"too few judged pairs to train on: {pairs.a.shape[0]} (at least {_min_pairs()} needed)"
+        )
 
     report.phase("embedding", done=0, total=len(pairs.sample_ids))
     embeddings_ensure(
@@ -653,6 +714,7 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
 
     def on_progress(p: Progress) -> None:
         report(
+            False,
             step=p.step,
             total_steps=p.total_steps,
             epoch=p.epoch,
@@ -663,7 +725,9 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
             **{k: v for k, v in (p.metrics or {}).items() if isinstance(v, int | float)},
         )
 
-    model = TRAINERS[job.kind](config, split.train, holdout=split.holdout if split.holdout.num_pairs else None, progress=on_progress)
+    model = TRAINERS[job.kind](
+        config, split.train, holdout=split.holdout if split.holdout.num_pairs else None, progress=on_progress
+    )
 
     report.phase("evaluating")
     figures: dict[str, Any] = {
@@ -691,7 +755,12 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
             extra={
                 "project": project.slug,
                 "version": number,
-                "encoder": {"name": job.encoder.name, "fingerprint": job.encoder.fingerprint, "family": job.encoder.family, "dim": job.encoder.dim},
+                "encoder": {
+                    "name": job.encoder.name,
+                    "fingerprint": job.encoder.fingerprint,
+                    "family": job.encoder.family,
+                    "dim": job.encoder.dim,
+                },
                 "snapshot": {"id": snapshot.id, "sha256": snapshot.sha256},
                 "holdout": job.holdout,
                 "metrics": figures,
@@ -732,7 +801,9 @@ def _better(challenger: dict[str, Any], champion: dict[str, Any]) -> bool:
     return False
 
 
-def version_decide(*, version: RewardModelVersion, model: Any = None, split: Split | None = None) -> RewardModelVersion:
+def version_decide(
+    *, version: RewardModelVersion, model: Any = None, split: Split | None = None
+) -> RewardModelVersion:
     """Champion/challenger: ``version`` becomes active only if it beats the active version on the
     same held-out pairs (accuracy, then log loss on a tie). The decision and both sets of figures
     are stored on the version."""
@@ -741,27 +812,49 @@ def version_decide(*, version: RewardModelVersion, model: Any = None, split: Spl
 
     project = version.project
     if version.kind not in REWARD_KINDS:
-        decision = {"promoted": False, "reason": f"a {version.kind} model is not a reward model; it is used beside one"}
+        decision = {
+            "promoted": False,
+            "reason": f"a {version.kind} model is not a reward model; it is used beside one",
+        }
         RewardModelVersion.objects.filter(id=version.id).update(decision=decision)
         version.decision = decision
         return version
     challenger_figs = (version.metrics or {}).get("holdout") or {}
     with transaction.atomic():
         Project.objects.select_for_update().filter(id=project.id).first()
-        champion = RewardModelVersion.objects.filter(project=project, is_active=True).exclude(id=version.id).first()
+        champion = (
+            RewardModelVersion.objects.filter(project=project, is_active=True).exclude(id=version.id).first()
+        )
         if champion is None:
-            decision = {"promoted": True, "reason": "no active model yet", "challenger": _brief(challenger_figs, version)}
+            decision = {
+                "promoted": True,
+                "reason": "no active model yet",
+                "challenger": _brief(challenger_figs, version),
+            }
         elif split is None or split.holdout.num_pairs == 0:
-            decision = {"promoted": False, "reason": "no held-out pairs to compare on", "champion_version": champion.number}
+            decision = {
+                "promoted": False,
+                "reason": "no held-out pairs to compare on",
+                "champion_version": champion.number,
+            }
         else:
             champ_model = _load_version_model(champion)
             held = split.holdout
             if champion.encoder_id != version.encoder_id:
-                embeddings_ensure(encoder=champion.encoder, sample_ids=split.sample_ids, frames=version.job.video_frames)
+                embeddings_ensure(
+                    encoder=champion.encoder, sample_ids=split.sample_ids, frames=version.job.video_frames
+                )
                 x, mask, prompt = features_load(encoder=champion.encoder, sample_ids=split.sample_ids)
                 held = PairSet(
-                    x=x, mask=mask, prompt=prompt, a=held.a, b=held.b, outcome=held.outcome, weight=held.weight,
-                    aspects=held.aspects, comparison=held.comparison,
+                    x=x,
+                    mask=mask,
+                    prompt=prompt,
+                    a=held.a,
+                    b=held.b,
+                    outcome=held.outcome,
+                    weight=held.weight,
+                    aspects=held.aspects,
+                    comparison=held.comparison,
                 )
             champion_figs = metrics.evaluate(champ_model, held)
             promoted = _better(challenger_figs, champion_figs)
@@ -793,9 +886,15 @@ def version_activate(*, version: RewardModelVersion, actor: Any) -> RewardModelV
         raise Invalid(f"a {version.kind} model cannot be the project's reward model")
     with transaction.atomic():
         Project.objects.select_for_update().filter(id=version.project_id).first()
-        RewardModelVersion.objects.filter(project_id=version.project_id, is_active=True).update(is_active=False)
+        RewardModelVersion.objects.filter(project_id=version.project_id, is_active=True).update(
+            is_active=False
+        )
         version.is_active = True
-        version.decision = {**(version.decision or {}), "activated_by": actor.username, "activated_at": timezone.now().isoformat()}
+        version.decision = {
+            **(version.decision or {}),
+            "activated_by": actor.username,
+            "activated_at": timezone.now().isoformat(),
+        }
         version.save(update_fields=["is_active", "decision"])
         from rewards.tasks import gpu_score_samples
 
@@ -804,7 +903,9 @@ def version_activate(*, version: RewardModelVersion, actor: Any) -> RewardModelV
 
 
 # --- Scoring and active learning ------------------------------------------------------------------
-def version_score_samples(*, version_id: int, batch: int = 4096, progress: Callable[[int, int], None] | None = None) -> int:
+def version_score_samples(
+    *, version_id: int, batch: int = 4096, progress: Callable[[int, int], None] | None = None
+) -> int:
     """Score every sample of the version's project (embedding the new ones first) and store the
     scores; then refresh the priorities of open comparisons when the version is active."""
     version = RewardModelVersion.objects.select_related("project", "encoder", "job").get(id=version_id)
@@ -816,7 +917,9 @@ def version_score_samples(*, version_id: int, batch: int = 4096, progress: Calla
         chunk = ids[start : start + batch]
         x, mask, prompt = features_load(encoder=version.encoder, sample_ids=chunk)
         out = model.score(x, mask, prompt)
-        aspects = [json.dumps({k: float(v[i]) for k, v in (out.aspects or {}).items()}) for i in range(len(chunk))]
+        aspects = [
+            json.dumps({k: float(v[i]) for k, v in (out.aspects or {}).items()}) for i in range(len(chunk))
+        ]
         with connection.cursor() as cur:
             cur.execute(
                 """
@@ -831,8 +934,8 @@ def version_score_samples(*, version_id: int, batch: int = 4096, progress: Calla
                     version.id,
                     chunk,
                     [float(v) for v in out.reward],
-                    [None if out.uncertainty is None else float(v) for v in (out.uncertainty if out.uncertainty is not None else [None] * len(chunk))],
-                    [None if out.artifact_prob is None else float(v) for v in (out.artifact_prob if out.artifact_prob is not None else [None] * len(chunk))],
+                    _floats_or_none(out.uncertainty, len(chunk)),
+                    _floats_or_none(out.artifact_prob, len(chunk)),
                     aspects,
                 ],
             )
@@ -843,6 +946,10 @@ def version_score_samples(*, version_id: int, batch: int = 4096, progress: Calla
     if version.is_active:
         comparison_priorities_update(version=version, model=model)
     return written
+
+
+def _floats_or_none(values: np.ndarray | None, n: int) -> list[float | None]:
+    return [None] * n if values is None else [float(v) for v in values]
 
 
 def comparison_priorities_update(*, version: RewardModelVersion, model: Any = None) -> int:
@@ -906,19 +1013,26 @@ def retrain_due(*, now: Any = None) -> list[int]:
     for rc in RewardConfig.objects.filter(auto_retrain=True).select_related("project", "project__created_by"):
         project = rc.project
         jobs = RewardTrainingJob.objects.filter(project=project)
-        if jobs.filter(status__in=[RewardTrainingJob.Status.QUEUED, RewardTrainingJob.Status.RUNNING]).exists():
+        if jobs.filter(
+            status__in=[RewardTrainingJob.Status.QUEUED, RewardTrainingJob.Status.RUNNING]
+        ).exists():
             continue
         last = jobs.order_by("-created_at").first()
         since = last.created_at if last else None
         judgments = Judgment.objects.filter(project=project)
         new = judgments.filter(created_at__gt=since).count() if since else judgments.count()
         due = new >= rc.retrain_min_new_judgments or bool(
-            rc.retrain_every_minutes and new > 0 and since and (now - since).total_seconds() >= rc.retrain_every_minutes * 60
+            rc.retrain_every_minutes
+            and new > 0
+            and since
+            and (now - since).total_seconds() >= rc.retrain_every_minutes * 60
         )
         if not due:
             continue
         try:
-            job = reward_job_create(project=project, actor=project.created_by, trigger=RewardTrainingJob.Trigger.AUTO)
+            job = reward_job_create(
+                project=project, actor=project.created_by, trigger=RewardTrainingJob.Trigger.AUTO
+            )
         except Invalid as exc:
             log.warning("auto-retrain of %s not launched: %s", project.slug, exc.message)
             continue

@@ -60,7 +60,11 @@ def version_out(version: RewardModelVersion, *, curves: bool = False) -> dict[st
 
 
 def _job(project: Any, job_id: int) -> RewardTrainingJob:
-    job = RewardTrainingJob.objects.filter(project=project, id=job_id).select_related("project", "encoder").first()
+    job = (
+        RewardTrainingJob.objects.filter(project=project, id=job_id)
+        .select_related("project", "encoder")
+        .first()
+    )
     if job is None:
         raise NotFound(f"no reward job {job_id} in {project.slug}")
     return job
@@ -81,7 +85,9 @@ class RewardJobListCreateView(APIView):
     class InputSerializer(serializers.Serializer):
         kind = serializers.ChoiceField(choices=["bt", "aspects", "ensemble", "artifact"], required=False)
         encoder = serializers.CharField(required=False, allow_blank=True, help_text="local encoder directory")
-        snapshot = serializers.IntegerField(required=False, help_text="a raw snapshot id (default: a new one)")
+        snapshot = serializers.IntegerField(
+            required=False, help_text="a raw snapshot id (default: a new one)"
+        )
         hyperparameters = serializers.DictField(required=False)
         holdout = serializers.FloatField(required=False)
         device = serializers.CharField(required=False, default="cpu")
@@ -90,7 +96,11 @@ class RewardJobListCreateView(APIView):
     @extend_schema(operation_id="reward_jobs_list")
     def get(self, request: Request, slug: str) -> Response:
         project, _ = selectors.project_for_member(slug=slug, user=request.user)
-        jobs = RewardTrainingJob.objects.filter(project=project).select_related("encoder").order_by("-created_at")[:100]
+        jobs = (
+            RewardTrainingJob.objects.filter(project=project)
+            .select_related("encoder")
+            .order_by("-created_at")[:100]
+        )
         return Response({"jobs": [job_out(j) for j in jobs]})
 
     @extend_schema(
@@ -142,7 +152,9 @@ class RewardModelListView(APIView):
     def get(self, request: Request, slug: str) -> Response:
         project, _ = selectors.project_for_member(slug=slug, user=request.user)
         versions = (
-            RewardModelVersion.objects.filter(project=project).select_related("encoder").order_by("-number")[:200]
+            RewardModelVersion.objects.filter(project=project)
+            .select_related("encoder")
+            .order_by("-number")[:200]
         )
         return Response({"versions": [version_out(v) for v in versions]})
 

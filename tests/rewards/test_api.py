@@ -26,15 +26,21 @@ def clip_dir(tmp_path_factory: Any) -> Path:
 
 @pytest.fixture
 def project(make_project: Any, manager: Any, annotator: Any) -> Any:
-    p = image_project(make_project, manager, annotators=(annotator,), prompts=2, per_prompt=10, pairs_per_prompt=30)
+    p = image_project(
+        make_project, manager, annotators=(annotator,), prompts=2, per_prompt=10, pairs_per_prompt=30
+    )
     simulate(p, annotator, brighter)
     return p
 
 
-def test_launch_watch_and_read_the_registry(project: Any, manager: Any, annotator: Any, clip_dir: Path) -> None:
+def test_launch_watch_and_read_the_registry(
+    project: Any, manager: Any, annotator: Any, clip_dir: Path
+) -> None:
     api = client_for(manager)
     url = f"/api/projects/{project.slug}/reward-jobs/"
-    r = api.post(url, {"kind": "bt", "encoder": str(clip_dir), "hyperparameters": {"epochs": 5}}, format="json")
+    r = api.post(
+        url, {"kind": "bt", "encoder": str(clip_dir), "hyperparameters": {"epochs": 5}}, format="json"
+    )
     assert r.status_code == 202, r.content
     job = r.json()
     assert job["status"] == "queued" and job["kind"] == "bt" and job["config"]["epochs"] == 5
@@ -68,7 +74,9 @@ def test_launch_watch_and_read_the_registry(project: Any, manager: Any, annotato
         ({"snapshot": 999999}, 404, "no snapshot"),
     ],
 )
-def test_launch_refusals(project: Any, manager: Any, clip_dir: Path, payload: dict[str, Any], status: int, message: str) -> None:
+def test_launch_refusals(
+    project: Any, manager: Any, clip_dir: Path, payload: dict[str, Any], status: int, message: str
+) -> None:
     body = {"encoder": str(clip_dir), **payload}
     r = client_for(manager).post(f"/api/projects/{project.slug}/reward-jobs/", body, format="json")
     assert r.status_code == status, r.content
@@ -76,11 +84,15 @@ def test_launch_refusals(project: Any, manager: Any, clip_dir: Path, payload: di
     assert RewardTrainingJob.objects.count() == 0
 
 
-def test_annotators_cannot_launch_cancel_or_activate(project: Any, manager: Any, annotator: Any, clip_dir: Path) -> None:
+def test_annotators_cannot_launch_cancel_or_activate(
+    project: Any, manager: Any, annotator: Any, clip_dir: Path
+) -> None:
     api = client_for(annotator)
     r = api.post(f"/api/projects/{project.slug}/reward-jobs/", {"encoder": str(clip_dir)}, format="json")
     assert r.status_code == 403
-    job = services.reward_job_create(project=project, actor=manager, encoder_path=str(clip_dir), dispatch=False)
+    job = services.reward_job_create(
+        project=project, actor=manager, encoder_path=str(clip_dir), dispatch=False
+    )
     assert api.post(f"/api/projects/{project.slug}/reward-jobs/{job.id}/cancel/").status_code == 403
     services.reward_job_run(job_id=job.id)
     assert api.post(f"/api/projects/{project.slug}/reward-models/1/activate/").status_code == 403
@@ -93,7 +105,9 @@ def test_annotators_cannot_launch_cancel_or_activate(project: Any, manager: Any,
 
 def test_cancel_a_queued_job(project: Any, manager: Any, clip_dir: Path) -> None:
     api = client_for(manager)
-    job = api.post(f"/api/projects/{project.slug}/reward-jobs/", {"encoder": str(clip_dir)}, format="json").json()
+    job = api.post(
+        f"/api/projects/{project.slug}/reward-jobs/", {"encoder": str(clip_dir)}, format="json"
+    ).json()
     r = api.post(f"/api/projects/{project.slug}/reward-jobs/{job['id']}/cancel/")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
 
@@ -103,8 +117,21 @@ def test_cli_trains_in_the_foreground_and_prints_metrics(project: Any, manager: 
     manager.save()
     out, err = StringIO(), StringIO()
     call_command(
-        "train_reward_model", "--project", project.slug, "--kind", "bt", "--encoder", str(clip_dir),
-        "--holdout", "0.25", "--set", "epochs=5", "--set", "lr=0.01", stdout=out, stderr=err,
+        "train_reward_model",
+        "--project",
+        project.slug,
+        "--kind",
+        "bt",
+        "--encoder",
+        str(clip_dir),
+        "--holdout",
+        "0.25",
+        "--set",
+        "epochs=5",
+        "--set",
+        "lr=0.01",
+        stdout=out,
+        stderr=err,
     )
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("held-out accuracy")
@@ -112,6 +139,18 @@ def test_cli_trains_in_the_foreground_and_prints_metrics(project: Any, manager: 
     job = RewardTrainingJob.objects.get()
     assert job.holdout == 0.25 and job.config["epochs"] == 5 and job.config["lr"] == 0.01
     with pytest.raises(CommandError, match="hyperparameter lr"):
-        call_command("train_reward_model", "--project", project.slug, "--encoder", str(clip_dir), "--set", "lr=-1", stdout=out, stderr=err)
+        call_command(
+            "train_reward_model",
+            "--project",
+            project.slug,
+            "--encoder",
+            str(clip_dir),
+            "--set",
+            "lr=-1",
+            stdout=out,
+            stderr=err,
+        )
     with pytest.raises(CommandError, match="KEY=VALUE"):
-        call_command("train_reward_model", "--project", project.slug, "--set", "epochs", stdout=out, stderr=err)
+        call_command(
+            "train_reward_model", "--project", project.slug, "--set", "epochs", stdout=out, stderr=err
+        )

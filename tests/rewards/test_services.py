@@ -50,12 +50,18 @@ def judged_images(make_project: Any, manager: Any, annotator: Any) -> Any:
 
 def _run(project: Any, manager: Any, encoder: Path | None, **kwargs: Any) -> RewardTrainingJob:
     job = services.reward_job_create(
-        project=project, actor=manager, encoder_path=str(encoder) if encoder else None, dispatch=False, **kwargs
+        project=project,
+        actor=manager,
+        encoder_path=str(encoder) if encoder else None,
+        dispatch=False,
+        **kwargs,
     )
     return services.reward_job_run(job_id=job.id)
 
 
-def test_learns_brighter_wins_from_simulated_judgments(judged_images: Any, manager: Any, clip_dir: Path) -> None:
+def test_learns_brighter_wins_from_simulated_judgments(
+    judged_images: Any, manager: Any, clip_dir: Path
+) -> None:
     job = _run(judged_images, manager, clip_dir, kind="bt", hyperparameters={"epochs": 60})
     assert job.status == "succeeded", job.error
     version = RewardModelVersion.objects.get(job=job)
@@ -68,7 +74,9 @@ def test_learns_brighter_wins_from_simulated_judgments(judged_images: Any, manag
     assert m["ece"] is not None and 0 <= m["ece"] <= 1
     assert version.curves and "loss" in version.curves[0]
     # The saved directory is a plain save_pretrained directory that loads outside the app.
-    assert (Path(version.path) / "config.json").exists() and (Path(version.path) / "model.safetensors").exists()
+    assert (Path(version.path) / "config.json").exists() and (
+        Path(version.path) / "model.safetensors"
+    ).exists()
     assert load_reward_model(version.path).kind == "bt"
 
     # Scored against the hidden rule itself: the reward orders samples by brightness.
@@ -89,7 +97,9 @@ def test_learns_brighter_wins_from_simulated_judgments(judged_images: Any, manag
 def test_launch_refuses_bad_input_with_clear_messages(
     make_project: Any, manager: Any, annotator: Any, tmp_path: Path, clip_dir: Path
 ) -> None:
-    project = image_project(make_project, manager, annotators=(annotator,), prompts=1, per_prompt=6, pairs_per_prompt=15)
+    project = image_project(
+        make_project, manager, annotators=(annotator,), prompts=1, per_prompt=6, pairs_per_prompt=15
+    )
 
     def refused(match: str, **kwargs: Any) -> None:
         with pytest.raises(Invalid, match=match):
@@ -114,40 +124,64 @@ def test_launch_refuses_bad_input_with_clear_messages(
     assert DatasetSnapshot.objects.count() == 0
 
 
-def test_too_few_pairs_in_a_given_snapshot(make_project: Any, manager: Any, annotator: Any, clip_dir: Path) -> None:
-    project = image_project(make_project, manager, annotators=(annotator,), prompts=1, per_prompt=6, pairs_per_prompt=15)
+def test_too_few_pairs_in_a_given_snapshot(
+    make_project: Any, manager: Any, annotator: Any, clip_dir: Path
+) -> None:
+    project = image_project(
+        make_project, manager, annotators=(annotator,), prompts=1, per_prompt=6, pairs_per_prompt=15
+    )
     simulate(project, annotator, brighter, limit=4)
     from annotate import exports
 
     snap = annotate_services.snapshot_create(
-        project=project, actor=manager, spec=exports.spec_from_params({"schema": "raw", "format": "parquet"}), build_now=True
+        project=project,
+        actor=manager,
+        spec=exports.spec_from_params({"schema": "raw", "format": "parquet"}),
+        build_now=True,
     )
     simulate(project, annotator, brighter)
     with pytest.raises(Invalid, match="too few judged pairs to train on: 4"):
-        services.reward_job_create(project=project, actor=manager, encoder_path=str(clip_dir), snapshot=snap, dispatch=False)
+        services.reward_job_create(
+            project=project, actor=manager, encoder_path=str(clip_dir), snapshot=snap, dispatch=False
+        )
     trl = annotate_services.snapshot_create(
-        project=project, actor=manager, spec=exports.spec_from_params({"schema": "trl", "format": "jsonl"}), build_now=True
+        project=project,
+        actor=manager,
+        spec=exports.spec_from_params({"schema": "trl", "format": "jsonl"}),
+        build_now=True,
     )
     with pytest.raises(Invalid, match="raw snapshot"):
-        services.reward_job_create(project=project, actor=manager, encoder_path=str(clip_dir), snapshot=trl, dispatch=False)
+        services.reward_job_create(
+            project=project, actor=manager, encoder_path=str(clip_dir), snapshot=trl, dispatch=False
+        )
 
 
-def test_only_managers_launch(make_project: Any, manager: Any, annotator: Any, clip_dir: Path, make_user: Any) -> None:
-    project = image_project(make_project, manager, annotators=(annotator,), prompts=1, per_prompt=6, pairs_per_prompt=15)
+def test_only_managers_launch(
+    make_project: Any, manager: Any, annotator: Any, clip_dir: Path, make_user: Any
+) -> None:
+    project = image_project(
+        make_project, manager, annotators=(annotator,), prompts=1, per_prompt=6, pairs_per_prompt=15
+    )
     simulate(project, annotator, brighter)
     from annotate.errors import Forbidden
 
     with pytest.raises(Forbidden):
-        services.reward_job_create(project=project, actor=annotator, encoder_path=str(clip_dir), dispatch=False)
+        services.reward_job_create(
+            project=project, actor=annotator, encoder_path=str(clip_dir), dispatch=False
+        )
     with pytest.raises(NotFound):
-        services.reward_job_create(project=project, actor=make_user("outsider"), encoder_path=str(clip_dir), dispatch=False)
+        services.reward_job_create(
+            project=project, actor=make_user("outsider"), encoder_path=str(clip_dir), dispatch=False
+        )
     assert RewardTrainingJob.objects.count() == 0
 
 
 def test_embeddings_are_computed_once_and_incrementally(
     make_project: Any, manager: Any, annotator: Any, clip_dir: Path
 ) -> None:
-    project = image_project(make_project, manager, annotators=(annotator,), prompts=2, per_prompt=8, pairs_per_prompt=20)
+    project = image_project(
+        make_project, manager, annotators=(annotator,), prompts=2, per_prompt=8, pairs_per_prompt=20
+    )
     simulate(project, annotator, brighter)
     encoder = services.encoder_register(path=str(clip_dir))
     ids = list(Sample.objects.filter(project=project).values_list("id", flat=True))
@@ -164,7 +198,11 @@ def test_embeddings_are_computed_once_and_incrementally(
     from tests.rewards.helpers import noise_png
 
     annotate_services.sample_create_media(
-        project=project, actor=manager, file=io.BytesIO(noise_png(99, 12345)), filename="new.png", prompt="a picture number 0"
+        project=project,
+        actor=manager,
+        file=io.BytesIO(noise_png(99, 12345)),
+        filename="new.png",
+        prompt="a picture number 0",
     )
     ids = list(Sample.objects.filter(project=project).values_list("id", flat=True))
     assert services.embeddings_ensure(encoder=encoder, sample_ids=ids) == 1
@@ -199,7 +237,9 @@ def test_champion_challenger_and_manual_activation(judged_images: Any, manager: 
 
 
 def test_cancel_queued_and_running_jobs(judged_images: Any, manager: Any, clip_dir: Path) -> None:
-    queued = services.reward_job_create(project=judged_images, actor=manager, encoder_path=str(clip_dir), dispatch=False)
+    queued = services.reward_job_create(
+        project=judged_images, actor=manager, encoder_path=str(clip_dir), dispatch=False
+    )
     services.reward_job_cancel(job=queued, actor=manager)
     queued.refresh_from_db()
     assert queued.status == "cancelled"
@@ -208,13 +248,21 @@ def test_cancel_queued_and_running_jobs(judged_images: Any, manager: Any, clip_d
         services.reward_job_cancel(job=queued, actor=manager)
 
     running = services.reward_job_create(
-        project=judged_images, actor=manager, encoder_path=str(clip_dir), hyperparameters={"epochs": 500}, dispatch=False
+        project=judged_images,
+        actor=manager,
+        encoder_path=str(clip_dir),
+        hyperparameters={"epochs": 500},
+        dispatch=False,
     )
     seen: list[dict[str, Any]] = []
 
     def cancel_at_first_step(state: dict[str, Any]) -> None:
         seen.append(state)
-        if state.get("phase") == "training" and state.get("step", 0) >= 1 and not any(s.get("cancelled") for s in seen):
+        if (
+            state.get("phase") == "training"
+            and state.get("step", 0) >= 1
+            and not any(s.get("cancelled") for s in seen)
+        ):
             services.reward_job_cancel(job=running, actor=manager)
             seen.append({"cancelled": True})
 
@@ -226,8 +274,12 @@ def test_cancel_queued_and_running_jobs(judged_images: Any, manager: Any, clip_d
     assert last_step < job.progress.get("total_steps", 10**9)
 
 
-def test_active_learning_priorities_follow_uncertainty(judged_images: Any, manager: Any, clip_dir: Path) -> None:
-    job = _run(judged_images, manager, clip_dir, kind="ensemble", hyperparameters={"epochs": 40, "n_members": 3})
+def test_active_learning_priorities_follow_uncertainty(
+    judged_images: Any, manager: Any, clip_dir: Path
+) -> None:
+    job = _run(
+        judged_images, manager, clip_dir, kind="ensemble", hyperparameters={"epochs": 40, "n_members": 3}
+    )
     assert job.status == "succeeded", job.error
     version = RewardModelVersion.objects.get(job=job)
     assert version.is_active
@@ -238,8 +290,12 @@ def test_active_learning_priorities_follow_uncertainty(judged_images: Any, manag
 
     def sample(brightness: int, seed: int) -> int:
         return annotate_services.sample_create_media(
-            project=judged_images, actor=manager, file=io.BytesIO(noise_png(brightness, seed)), filename="x.png",
-            prompt="a picture number 1", metadata={"brightness": brightness},
+            project=judged_images,
+            actor=manager,
+            file=io.BytesIO(noise_png(brightness, seed)),
+            filename="x.png",
+            prompt="a picture number 1",
+            metadata={"brightness": brightness},
         ).sample.id
 
     clear = annotate_services.comparisons_create(
@@ -256,10 +312,13 @@ def test_active_learning_priorities_follow_uncertainty(judged_images: Any, manag
     assert SampleScore.objects.filter(version=version, uncertainty__isnull=False).count() == 124
     # `next` now serves the most uncertain comparison first.
     nxt = annotate_services.assignment_next(project=judged_images, annotator=manager, n=1)
-    assert nxt[0].comparison_id == Comparison.objects.filter(project=judged_images, status="open").order_by("-priority", "id").first().id
+    top = Comparison.objects.filter(project=judged_images, status="open").order_by("-priority", "id").first()
+    assert top is not None and nxt[0].comparison_id == top.id
 
 
-def test_text_project_aspects_artifacts_and_default_minilm(make_project: Any, manager: Any, annotator: Any) -> None:
+def test_text_project_aspects_artifacts_and_default_minilm(
+    make_project: Any, manager: Any, annotator: Any
+) -> None:
     """A text project needs no encoder setting: the bundled MiniLM is the default."""
     project = make_project(
         "txt",
@@ -267,14 +326,26 @@ def test_text_project_aspects_artifacts_and_default_minilm(make_project: Any, ma
         annotators=(annotator,),
         aspects=[{"key": "helpful", "label": "Helpful"}, {"key": "polite", "label": "Polite"}],
     )
-    good = ["Thank you so much, here is a detailed and kind answer.", "I am happy to help you with this, step by step."]
+    good = [
+        "Thank you so much, here is a detailed and kind answer.",
+        "I am happy to help you with this, step by step.",
+    ]
     bad = ["No. Figure it out yourself.", "Whatever, that question is stupid."]
     items = []
     for i in range(24):
         for j, text in enumerate(good + bad):
-            items.append({"prompt": f"question {i}", "text": f"{text} ({i})", "generator": "g", "generator_version": f"v{j}"})
+            items.append(
+                {
+                    "prompt": f"question {i}",
+                    "text": f"{text} ({i})",
+                    "generator": "g",
+                    "generator_version": f"v{j}",
+                }
+            )
     annotate_services.sample_create_texts(project=project, actor=manager, items=items)
-    annotate_services.comparisons_create_random_pairs(project=project, actor=manager, pairs_per_prompt=4, seed=1)
+    annotate_services.comparisons_create_random_pairs(
+        project=project, actor=manager, pairs_per_prompt=4, seed=1
+    )
 
     def nice(s: Sample) -> bool:
         return s.text.split(" (")[0] in good
@@ -283,7 +354,12 @@ def test_text_project_aspects_artifacts_and_default_minilm(make_project: Any, ma
         return "tie" if nice(a) == nice(b) else (a.id if nice(a) else b.id)
 
     simulate(
-        project, annotator, rule, noise=0.0, aspects=lambda a, b: {"helpful": rule(a, b), "polite": rule(a, b)}, artifacts=lambda s: not nice(s)
+        project,
+        annotator,
+        rule,
+        noise=0.0,
+        aspects=lambda a, b: {"helpful": rule(a, b), "polite": rule(a, b)},
+        artifacts=lambda s: not nice(s),
     )
     for kind in ("aspects", "artifact"):
         job = _run(project, manager, None, kind=kind, hyperparameters={"epochs": 30})
@@ -302,13 +378,21 @@ def test_text_project_aspects_artifacts_and_default_minilm(make_project: Any, ma
     assert s is not None and set(s.aspects) == {"helpful", "polite"}
 
 
-def test_video_project_attention_pooling(make_project: Any, manager: Any, annotator: Any, clip_dir: Path) -> None:
+def test_video_project_attention_pooling(
+    make_project: Any, manager: Any, annotator: Any, clip_dir: Path
+) -> None:
     project = make_project("vid", modality="video", annotators=(annotator,))
     for i in range(8):
         annotate_services.sample_create_media(
-            project=project, actor=manager, file=io.BytesIO(mp4_bytes(frames=6 + i, seed=i)), filename=f"{i}.mp4", prompt="a clip"
+            project=project,
+            actor=manager,
+            file=io.BytesIO(mp4_bytes(frames=6 + i, seed=i)),
+            filename=f"{i}.mp4",
+            prompt="a clip",
         )
-    annotate_services.comparisons_create_random_pairs(project=project, actor=manager, pairs_per_prompt=28, seed=0)
+    annotate_services.comparisons_create_random_pairs(
+        project=project, actor=manager, pairs_per_prompt=28, seed=0
+    )
     simulate(project, annotator, lambda a, b: min(a.id, b.id))
     with override_settings(RL_REWARD_MIN_PAIRS=5):
         RewardConfig.objects.update_or_create(project=project, defaults={"video_frames": 4})
@@ -319,7 +403,9 @@ def test_video_project_attention_pooling(make_project: Any, manager: Any, annota
 
 
 def test_periodic_retraining_rule(make_project: Any, manager: Any, annotator: Any, clip_dir: Path) -> None:
-    project = image_project(make_project, manager, annotators=(annotator,), prompts=1, per_prompt=10, pairs_per_prompt=40)
+    project = image_project(
+        make_project, manager, annotators=(annotator,), prompts=1, per_prompt=10, pairs_per_prompt=40
+    )
     rc = services.reward_config_get(project=project)
     rc.encoder_path = str(clip_dir)
     rc.auto_retrain = True

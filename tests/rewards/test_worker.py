@@ -49,18 +49,40 @@ def _wait(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[str]
 
 
 @pytest.mark.django_db(transaction=True)
-def test_real_worker_runs_a_job_end_to_end(make_project: Any, manager: Any, annotator: Any, tmp_path: Path) -> None:
+def test_real_worker_runs_a_job_end_to_end(
+    make_project: Any, manager: Any, annotator: Any, tmp_path: Path
+) -> None:
     from config.celery import app
 
-    project = image_project(make_project, manager, annotators=(annotator,), prompts=2, per_prompt=8, pairs_per_prompt=20)
+    project = image_project(
+        make_project, manager, annotators=(annotator,), prompts=2, per_prompt=8, pairs_per_prompt=20
+    )
     simulate(project, annotator, brighter)
     clip = save_tiny_clip(tmp_path / "clip")
     app.control.purge()  # nothing left over from another run may reach this worker
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "default,gpu", "--concurrency", "1",
-         "--loglevel", "INFO", "-n", f"test-{os.getpid()}@%h"],
-        cwd=ROOT, env=_worker_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "worker",
+            "-Q",
+            "default,gpu",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+            "-n",
+            f"test-{os.getpid()}@%h",
+        ],
+        cwd=ROOT,
+        env=_worker_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         r = client_for(manager).post(
@@ -79,7 +101,12 @@ def test_real_worker_runs_a_job_end_to_end(make_project: Any, manager: Any, anno
         assert job.status == "succeeded", job.error + (tmp_path / "worker.log").read_text()
         version = RewardModelVersion.objects.get(job=job)
         assert version.is_active and version.metrics["holdout_pairs"] > 0
-        assert client_for(annotator).get(f"/api/projects/{project.slug}/reward-models/").json()["versions"][0]["number"] == 1
+        assert (
+            client_for(annotator)
+            .get(f"/api/projects/{project.slug}/reward-models/")
+            .json()["versions"][0]["number"]
+            == 1
+        )
         # Promotion queued scoring on the gpu queue: every sample gets a score.
         _wait(lambda: SampleScore.objects.filter(version=version).count() == 16, 120, "scores", proc)
     finally:

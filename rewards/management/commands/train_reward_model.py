@@ -32,15 +32,25 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--project", required=True)
         parser.add_argument("--kind", choices=["bt", "aspects", "ensemble", "artifact"])
-        parser.add_argument("--encoder", help="local encoder directory (default: the project's reward config)")
+        parser.add_argument(
+            "--encoder", help="local encoder directory (default: the project's reward config)"
+        )
         parser.add_argument("--holdout", type=float, help="share of comparisons held out (default 0.2)")
         parser.add_argument("--snapshot", type=int, help="train on this raw snapshot (default: a new one)")
         parser.add_argument("--device", default="cpu")
         parser.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter, e.g. --set epochs=20"
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="a hyperparameter, e.g. --set epochs=20",
         )
-        parser.add_argument("--no-promote", dest="promote", action="store_false", help="skip champion/challenger")
-        parser.add_argument("--as-user", dest="as_user", help="user recorded on the job (default: first superuser)")
+        parser.add_argument(
+            "--no-promote", dest="promote", action="store_false", help="skip champion/challenger"
+        )
+        parser.add_argument(
+            "--as-user", dest="as_user", help="user recorded on the job (default: first superuser)"
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         hyper: dict[str, Any] = {}
