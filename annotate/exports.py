@@ -691,18 +691,22 @@ def arrow_schema(spec: ExportSpec, aspect_keys: list[str]) -> Any:
     return pa.schema(cols[spec.schema])
 
 
-def _arrow_value(value: Any, typ: Any) -> Any:
+def _arrow_converter(typ: Any) -> Callable[[Any], Any] | None:
+    """How to turn one Python value into what a column of Arrow type ``typ`` takes: JSON text for
+    dicts/lists in string columns, bytes for text in binary columns; None means as it is. Built
+    once per column, so the per-value cost is one call (or none)."""
     import pyarrow as pa
 
-    if value is None:
-        return None
-    if pa.types.is_string(typ) and isinstance(value, dict | list):
-        return json.dumps(value, ensure_ascii=False)
-    if pa.types.is_binary(typ) and isinstance(value, str):
-        return value.encode()  # a text sample in a bytes export
+    if pa.types.is_string(typ):
+        return lambda v: json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else v
+    if pa.types.is_binary(typ):
+        return lambda v: v.encode() if isinstance(v, str) else v  # a text sample in a bytes export
     if pa.types.is_list(typ):
-        return [_arrow_value(v, typ.value_type) for v in value]
-    return value
+        inner = _arrow_converter(typ.value_type)
+        if inner is None:
+            return None
+        return lambda v: [None if x is None else inner(x) for x in v]
+    return None
 
 
 def _parquet(rows: Iterable[dict[str, Any]], schema: Any, row_group: int = 10_000) -> Iterator[bytes]:
@@ -711,7 +715,7 @@ def _parquet(rows: Iterable[dict[str, Any]], schema: Any, row_group: int = 10_00
 
     sink = _Drain()
     writer = pq.ParquetWriter(sink, schema, compression="zstd")
-    types = {f.name: f.type for f in schema}
+    columns = [(f.name, _arrow_converter(f.type)) for f in schema]
     batch: list[dict[str, Any]] = []
 
     def flush() -> None:
@@ -720,7 +724,11 @@ def _parquet(rows: Iterable[dict[str, Any]], schema: Any, row_group: int = 10_00
             batch.clear()
 
     for row in rows:
-        batch.append({k: _arrow_value(row.get(k), t) for k, t in types.items()})
+        out = {}
+        for name, convert in columns:
+            value = row.get(name)
+            out[name] = value if convert is None or value is None else convert(value)
+        batch.append(out)
         if len(batch) >= row_group:
             flush()
             yield sink.take()

@@ -248,9 +248,18 @@ def cmd_loop(args: argparse.Namespace) -> int:
     rc = RewardConfig.objects.get(project=project)
     rc.auto_retrain, rc.retrain_min_new_judgments, rc.retrain_every_minutes = True, args.new, None
     rc.save()
-    # The baseline: a version trained before the new judgments (its job also resets the counter).
-    if not RewardModelVersion.objects.filter(project=project).exists():
-        _train_once("bt", {})
+    # The baseline: the active version is trained without the N judgments (its job also resets the
+    # counter), as it would be in a running project.
+    baseline = _train_once("bt", {})
+    from rewards import services
+
+    newest = RewardModelVersion.objects.filter(project=project).order_by("-number").first()
+    assert newest is not None
+    if not newest.is_active:
+        from django.contrib.auth import get_user_model
+
+        services.version_activate(version=newest, actor=get_user_model().objects.get(username="bench-admin"))
+    print(f"baseline v{newest.number} on {baseline['train_pairs']} pairs, held-out accuracy {baseline['holdout_accuracy']:.4f}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -269,37 +278,29 @@ def cmd_loop(args: argparse.Namespace) -> int:
             cur.execute("UPDATE held SET created_at = now()")
             cur.execute("INSERT INTO annotate_judgment SELECT * FROM held")
         t0 = time.perf_counter()
-        launched = None
+        launched = registered = None
+        job = None
         while time.perf_counter() - t0 < args.timeout:
             job = RewardTrainingJob.objects.filter(project=project, trigger="auto").order_by("-id").first()
-            if (
-                job
-                and launched is None
-                and job.created_at.timestamp() > time.time() - (time.perf_counter() - t0) - 1
-            ):
+            if job and launched is None and job.created_at.timestamp() > time.time() - (time.perf_counter() - t0) - 1:
                 launched = time.perf_counter() - t0
-            if RewardModelVersion.objects.filter(project=project).count() > before:
+            if registered is None and RewardModelVersion.objects.filter(project=project).count() > before:
+                registered = time.perf_counter() - t0
+            if launched is not None and job and job.status in ("succeeded", "failed", "cancelled"):
                 break
             time.sleep(0.2)
         else:
-            raise SystemExit(f"no new version within {args.timeout} s")
+            raise SystemExit(f"the auto-retrain job did not finish within {args.timeout} s")
         done = time.perf_counter() - t0
-        v = RewardModelVersion.objects.filter(project=project).order_by("-number").first()
-        assert v is not None
-        print(
-            json.dumps(
-                {
-                    "new_judgments": args.new,
-                    "beat_check_s": args.check_seconds,
-                    "job_launched_after_s": launched,
-                    "version_registered_after_s": round(done, 1),
-                    "promoted": v.decision.get("promoted"),
-                    "reason": v.decision.get("reason"),
-                    "machine": annotation_load.machine_info(),
-                },
-                indent=2,
-            )
-        )
+        assert job is not None
+        if job.status != "succeeded":
+            raise SystemExit(f"job {job.id} {job.status}: {job.error}")
+        v = RewardModelVersion.objects.get(job=job)
+        print(json.dumps({"new_judgments": args.new, "beat_check_s": args.check_seconds,
+                          "job_launched_after_s": round(launched or 0, 1), "version_registered_after_s": round(registered or 0, 1),
+                          "decided_after_s": round(done, 1), "promoted": v.decision.get("promoted"),
+                          "reason": v.decision.get("reason"), "challenger": v.decision.get("challenger"),
+                          "champion": v.decision.get("champion"), "machine": annotation_load.machine_info()}, indent=2))
     finally:
         proc.send_signal(2)
         proc.wait(timeout=60)

@@ -170,6 +170,8 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_TIMEZONE = "UTC"
 # Fewer judged pairs than this and a reward-model job is refused at launch.
 RL_REWARD_MIN_PAIRS = env_int("RL_REWARD_MIN_PAIRS", 10, minimum=2)
+# A running reward job with no progress write for this long lost its worker and is marked failed.
+RL_REWARD_JOB_STALE_SECONDS = env_int("RL_REWARD_JOB_STALE_SECONDS", 600, minimum=30)
 
 # --- Auth, i18n, static, media --------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -129,6 +129,9 @@ class RewardTrainingJob(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     progress = models.JSONField(default=dict, blank=True, help_text="phase, step, total_steps, loss, eta_s")
     cancel_requested = models.BooleanField(default=False)
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last progress write; a running job silent for long lost its worker."
+    )
     error = models.TextField(blank=True, default="")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)

@@ -6,150 +6,399 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('annotate', '0004_judgment_export_order'),
+        ("annotate", "0004_judgment_export_order"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Encoder',
+            name="Encoder",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('fingerprint', models.CharField(max_length=64, unique=True)),
-                ('name', models.CharField(max_length=200)),
-                ('path', models.CharField(help_text='Local directory it was last loaded from.', max_length=1000)),
-                ('family', models.CharField(help_text='clip | siglip | text', max_length=20)),
-                ('model_type', models.CharField(max_length=50)),
-                ('dim', models.PositiveIntegerField()),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("fingerprint", models.CharField(max_length=64, unique=True)),
+                ("name", models.CharField(max_length=200)),
+                (
+                    "path",
+                    models.CharField(help_text="Local directory it was last loaded from.", max_length=1000),
+                ),
+                ("family", models.CharField(help_text="clip | siglip | text", max_length=20)),
+                ("model_type", models.CharField(max_length=50)),
+                ("dim", models.PositiveIntegerField()),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
         ),
         migrations.CreateModel(
-            name='RewardConfig',
+            name="RewardConfig",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('encoder_path', models.CharField(blank=True, default='', help_text='Local encoder directory (CLIP/SigLIP for images and videos, a sentence encoder for text). Blank for a text project means the bundled MiniLM.', max_length=1000)),
-                ('kind', models.CharField(choices=[('bt', 'Bradley-Terry head'), ('aspects', 'Multi-aspect heads'), ('ensemble', 'Ensemble of BT heads (uncertainty)'), ('artifact', 'Artifact classifier')], default='bt', max_length=20)),
-                ('hyperparameters', models.JSONField(blank=True, default=dict, help_text="Overrides of the kind's config.")),
-                ('holdout', models.FloatField(default=0.2, help_text='Share of comparisons held out for evaluation.')),
-                ('video_frames', models.PositiveSmallIntegerField(default=8)),
-                ('auto_retrain', models.BooleanField(default=False, help_text='Retrain by itself (checked by beat).')),
-                ('retrain_min_new_judgments', models.PositiveIntegerField(default=500, help_text='Retrain once at least this many judgments arrived since the last job.')),
-                ('retrain_every_minutes', models.PositiveIntegerField(blank=True, help_text='Also retrain this often when any new judgment arrived (blank: off).', null=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('project', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='reward_config', to='annotate.project')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "encoder_path",
+                    models.CharField(
+                        blank=True,
+                        default="",
+                        help_text="Local encoder directory (CLIP/SigLIP for images and videos, a sentence encoder for text). Blank for a text project means the bundled MiniLM.",
+                        max_length=1000,
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("bt", "Bradley-Terry head"),
+                            ("aspects", "Multi-aspect heads"),
+                            ("ensemble", "Ensemble of BT heads (uncertainty)"),
+                            ("artifact", "Artifact classifier"),
+                        ],
+                        default="bt",
+                        max_length=20,
+                    ),
+                ),
+                (
+                    "hyperparameters",
+                    models.JSONField(blank=True, default=dict, help_text="Overrides of the kind's config."),
+                ),
+                (
+                    "holdout",
+                    models.FloatField(default=0.2, help_text="Share of comparisons held out for evaluation."),
+                ),
+                ("video_frames", models.PositiveSmallIntegerField(default=8)),
+                (
+                    "auto_retrain",
+                    models.BooleanField(default=False, help_text="Retrain by itself (checked by beat)."),
+                ),
+                (
+                    "retrain_min_new_judgments",
+                    models.PositiveIntegerField(
+                        default=500,
+                        help_text="Retrain once at least this many judgments arrived since the last job.",
+                    ),
+                ),
+                (
+                    "retrain_every_minutes",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        help_text="Also retrain this often when any new judgment arrived (blank: off).",
+                        null=True,
+                    ),
+                ),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "project",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="reward_config",
+                        to="annotate.project",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='RewardTrainingJob',
+            name="RewardTrainingJob",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('bt', 'Bradley-Terry head'), ('aspects', 'Multi-aspect heads'), ('ensemble', 'Ensemble of BT heads (uncertainty)'), ('artifact', 'Artifact classifier')], max_length=20)),
-                ('encoder_path', models.CharField(max_length=1000)),
-                ('config', models.JSONField(help_text='The resolved, validated config of the kind.')),
-                ('holdout', models.FloatField(default=0.2)),
-                ('video_frames', models.PositiveSmallIntegerField(default=8)),
-                ('device', models.CharField(default='cpu', max_length=20)),
-                ('promote', models.BooleanField(default=True, help_text='Run champion/challenger after training.')),
-                ('trigger', models.CharField(choices=[('manual', 'Manual'), ('auto', 'Auto')], default='manual', max_length=10)),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='queued', max_length=10)),
-                ('progress', models.JSONField(blank=True, default=dict, help_text='phase, step, total_steps, loss, eta_s')),
-                ('cancel_requested', models.BooleanField(default=False)),
-                ('error', models.TextField(blank=True, default='')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('created_by', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('encoder', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='jobs', to='rewards.encoder')),
-                ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='reward_jobs', to='annotate.project')),
-                ('snapshot', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='reward_jobs', to='annotate.datasetsnapshot')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("bt", "Bradley-Terry head"),
+                            ("aspects", "Multi-aspect heads"),
+                            ("ensemble", "Ensemble of BT heads (uncertainty)"),
+                            ("artifact", "Artifact classifier"),
+                        ],
+                        max_length=20,
+                    ),
+                ),
+                ("encoder_path", models.CharField(max_length=1000)),
+                ("config", models.JSONField(help_text="The resolved, validated config of the kind.")),
+                ("holdout", models.FloatField(default=0.2)),
+                ("video_frames", models.PositiveSmallIntegerField(default=8)),
+                ("device", models.CharField(default="cpu", max_length=20)),
+                (
+                    "promote",
+                    models.BooleanField(default=True, help_text="Run champion/challenger after training."),
+                ),
+                (
+                    "trigger",
+                    models.CharField(
+                        choices=[("manual", "Manual"), ("auto", "Auto")], default="manual", max_length=10
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="queued",
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "progress",
+                    models.JSONField(
+                        blank=True, default=dict, help_text="phase, step, total_steps, loss, eta_s"
+                    ),
+                ),
+                ("cancel_requested", models.BooleanField(default=False)),
+                ("error", models.TextField(blank=True, default="")),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "encoder",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT, related_name="jobs", to="rewards.encoder"
+                    ),
+                ),
+                (
+                    "project",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="reward_jobs",
+                        to="annotate.project",
+                    ),
+                ),
+                (
+                    "snapshot",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="reward_jobs",
+                        to="annotate.datasetsnapshot",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='RewardModelVersion',
+            name="RewardModelVersion",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('number', models.PositiveIntegerField(help_text='1, 2, ... per project.')),
-                ('kind', models.CharField(choices=[('bt', 'Bradley-Terry head'), ('aspects', 'Multi-aspect heads'), ('ensemble', 'Ensemble of BT heads (uncertainty)'), ('artifact', 'Artifact classifier')], max_length=20)),
-                ('path', models.CharField(help_text='save_pretrained directory (config.json + safetensors).', max_length=1000)),
-                ('metrics', models.JSONField(default=dict, help_text='holdout, gold, majority agreement, calibration ...')),
-                ('curves', models.JSONField(blank=True, default=list)),
-                ('decision', models.JSONField(blank=True, default=dict, help_text='Champion/challenger outcome and figures.')),
-                ('is_active', models.BooleanField(default=False)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('encoder', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='versions', to='rewards.encoder')),
-                ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='reward_versions', to='annotate.project')),
-                ('snapshot', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='reward_versions', to='annotate.datasetsnapshot')),
-                ('job', models.OneToOneField(on_delete=django.db.models.deletion.PROTECT, related_name='version', to='rewards.rewardtrainingjob')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("number", models.PositiveIntegerField(help_text="1, 2, ... per project.")),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("bt", "Bradley-Terry head"),
+                            ("aspects", "Multi-aspect heads"),
+                            ("ensemble", "Ensemble of BT heads (uncertainty)"),
+                            ("artifact", "Artifact classifier"),
+                        ],
+                        max_length=20,
+                    ),
+                ),
+                (
+                    "path",
+                    models.CharField(
+                        help_text="save_pretrained directory (config.json + safetensors).", max_length=1000
+                    ),
+                ),
+                (
+                    "metrics",
+                    models.JSONField(
+                        default=dict, help_text="holdout, gold, majority agreement, calibration ..."
+                    ),
+                ),
+                ("curves", models.JSONField(blank=True, default=list)),
+                (
+                    "decision",
+                    models.JSONField(
+                        blank=True, default=dict, help_text="Champion/challenger outcome and figures."
+                    ),
+                ),
+                ("is_active", models.BooleanField(default=False)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "encoder",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="versions",
+                        to="rewards.encoder",
+                    ),
+                ),
+                (
+                    "project",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="reward_versions",
+                        to="annotate.project",
+                    ),
+                ),
+                (
+                    "snapshot",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="reward_versions",
+                        to="annotate.datasetsnapshot",
+                    ),
+                ),
+                (
+                    "job",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="version",
+                        to="rewards.rewardtrainingjob",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='SampleEmbedding',
+            name="SampleEmbedding",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('count', models.PositiveSmallIntegerField(default=1)),
-                ('vectors', models.BinaryField()),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('encoder', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='rewards.encoder')),
-                ('sample', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='embeddings', to='annotate.sample')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("count", models.PositiveSmallIntegerField(default=1)),
+                ("vectors", models.BinaryField()),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "encoder",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="+", to="rewards.encoder"
+                    ),
+                ),
+                (
+                    "sample",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="embeddings",
+                        to="annotate.sample",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='SampleScore',
+            name="SampleScore",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('reward', models.FloatField()),
-                ('uncertainty', models.FloatField(blank=True, null=True)),
-                ('artifact_prob', models.FloatField(blank=True, null=True)),
-                ('aspects', models.JSONField(blank=True, default=dict)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('sample', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='scores', to='annotate.sample')),
-                ('version', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='scores', to='rewards.rewardmodelversion')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("reward", models.FloatField()),
+                ("uncertainty", models.FloatField(blank=True, null=True)),
+                ("artifact_prob", models.FloatField(blank=True, null=True)),
+                ("aspects", models.JSONField(blank=True, default=dict)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "sample",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="scores",
+                        to="annotate.sample",
+                    ),
+                ),
+                (
+                    "version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="scores",
+                        to="rewards.rewardmodelversion",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='PromptEmbedding',
+            name="PromptEmbedding",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('vector', models.BinaryField()),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('encoder', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='rewards.encoder')),
-                ('prompt', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='embeddings', to='annotate.prompt')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("vector", models.BinaryField()),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "encoder",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="+", to="rewards.encoder"
+                    ),
+                ),
+                (
+                    "prompt",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="embeddings",
+                        to="annotate.prompt",
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('encoder', 'prompt'), name='prompt_embedding_once')],
+                "constraints": [
+                    models.UniqueConstraint(fields=("encoder", "prompt"), name="prompt_embedding_once")
+                ],
             },
         ),
         migrations.AddIndex(
-            model_name='rewardtrainingjob',
-            index=models.Index(fields=['project', '-created_at'], name='reward_job_project_time'),
+            model_name="rewardtrainingjob",
+            index=models.Index(fields=["project", "-created_at"], name="reward_job_project_time"),
         ),
         migrations.AddConstraint(
-            model_name='rewardtrainingjob',
-            constraint=models.CheckConstraint(condition=models.Q(('holdout__gt', 0), ('holdout__lt', 1)), name='reward_job_holdout_range'),
+            model_name="rewardtrainingjob",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("holdout__gt", 0), ("holdout__lt", 1)), name="reward_job_holdout_range"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='rewardmodelversion',
-            constraint=models.UniqueConstraint(fields=('project', 'number'), name='reward_version_number'),
+            model_name="rewardmodelversion",
+            constraint=models.UniqueConstraint(fields=("project", "number"), name="reward_version_number"),
         ),
         migrations.AddConstraint(
-            model_name='rewardmodelversion',
-            constraint=models.UniqueConstraint(condition=models.Q(('is_active', True)), fields=('project',), name='reward_version_one_active'),
+            model_name="rewardmodelversion",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("is_active", True)), fields=("project",), name="reward_version_one_active"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='sampleembedding',
-            constraint=models.UniqueConstraint(fields=('encoder', 'sample'), name='sample_embedding_once'),
+            model_name="sampleembedding",
+            constraint=models.UniqueConstraint(fields=("encoder", "sample"), name="sample_embedding_once"),
         ),
         migrations.AddConstraint(
-            model_name='sampleembedding',
-            constraint=models.CheckConstraint(condition=models.Q(('count__gte', 1)), name='sample_embedding_count_positive'),
+            model_name="sampleembedding",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("count__gte", 1)), name="sample_embedding_count_positive"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='samplescore',
-            constraint=models.UniqueConstraint(fields=('version', 'sample'), name='sample_score_once'),
+            model_name="samplescore",
+            constraint=models.UniqueConstraint(fields=("version", "sample"), name="sample_score_once"),
         ),
     ]

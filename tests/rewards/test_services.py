@@ -431,3 +431,29 @@ def test_periodic_retraining_rule(make_project: Any, manager: Any, annotator: An
 
     assert services.retrain_due() == []
     assert len(services.retrain_due(now=timezone.now() + timedelta(minutes=6))) == 1
+
+
+def test_a_job_whose_worker_died_is_failed_and_unblocks_retraining(
+    make_project: Any, manager: Any, annotator: Any, clip_dir: Path
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    project = image_project(
+        make_project, manager, annotators=(annotator,), prompts=1, per_prompt=8, pairs_per_prompt=20
+    )
+    rc = services.reward_config_get(project=project)
+    rc.encoder_path, rc.auto_retrain, rc.retrain_min_new_judgments = str(clip_dir), True, 10
+    rc.save()
+    simulate(project, annotator, brighter, limit=12)
+    dead = services.reward_job_create(project=project, actor=manager, dispatch=False)
+    RewardTrainingJob.objects.filter(id=dead.id).update(
+        status="running", heartbeat_at=timezone.now() - timedelta(minutes=11)
+    )
+    RewardTrainingJob.objects.filter(id=dead.id).update(created_at=timezone.now() - timedelta(minutes=12))
+    simulate(project, annotator, brighter, limit=10)
+    launched = services.retrain_due()
+    dead.refresh_from_db()
+    assert dead.status == "failed" and "worker lost" in dead.error
+    assert len(launched) == 1
