@@ -21,6 +21,7 @@ KIND_CHOICES = [
     ("aspects", "Multi-aspect heads"),
     ("ensemble", "Ensemble of BT heads (uncertainty)"),
     ("artifact", "Artifact classifier"),
+    ("finetune", "Encoder fine-tuning (last layers or LoRA) + BT head"),
 ]
 
 

@@ -48,7 +48,7 @@ def _min_pairs() -> int:
 
 
 EMBED_BATCH = 32
-REWARD_KINDS = ("bt", "aspects", "ensemble")  # kinds that can be a project's active reward model
+REWARD_KINDS = ("bt", "aspects", "ensemble", "finetune")  # kinds that can be a project's active reward model
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -167,7 +167,7 @@ def embeddings_ensure(
     done = 0
     for start in range(0, len(todo), EMBED_BATCH):
         batch = list(Sample.objects.filter(id__in=todo[start : start + EMBED_BATCH]).order_by("id"))
-        rows: list[SampleEmbedding] = []
+        new_rows: list[SampleEmbedding] = []
         for modality in ("image", "video", "text"):
             group = [s for s in batch if s.modality == modality]
             if not group:
@@ -176,14 +176,14 @@ def embeddings_ensure(
                 raise Invalid(f"encoder {encoder.name} ({encoder.family}) cannot embed {modality} samples")
             if modality == "image":
                 vecs = model.embed_images([_open_image(s) for s in group])
-                rows += [_embedding_row(encoder, s, vecs[i : i + 1]) for i, s in enumerate(group)]
+                new_rows += [_embedding_row(encoder, s, vecs[i : i + 1]) for i, s in enumerate(group)]
             elif modality == "text":
                 vecs = model.embed_texts([s.text for s in group])
-                rows += [_embedding_row(encoder, s, vecs[i : i + 1]) for i, s in enumerate(group)]
+                new_rows += [_embedding_row(encoder, s, vecs[i : i + 1]) for i, s in enumerate(group)]
             else:
                 video, mask = model.embed_videos([s.media.path for s in group], frames=frames)
-                rows += [_embedding_row(encoder, s, video[i][mask[i]]) for i, s in enumerate(group)]
-        SampleEmbedding.objects.bulk_create(rows, ignore_conflicts=True)
+                new_rows += [_embedding_row(encoder, s, video[i][mask[i]]) for i, s in enumerate(group)]
+        SampleEmbedding.objects.bulk_create(new_rows, ignore_conflicts=True)
         done += len(batch)
         if progress:
             progress(done, total)
@@ -470,17 +470,19 @@ def pairs_split(
 
 # --- Jobs ------------------------------------------------------------------------------------------
 def _resolve_config(kind: str, overrides: dict[str, Any], device: str) -> dict[str, Any]:
-    from rewards.ml.kinds import CONFIGS
+    from rewards.ml.finetune.config import FinetuneConfig
+    from rewards.ml.kinds import CONFIGS as HEAD_CONFIGS
     from rewards.ml.progress import ConfigError
 
-    if kind not in CONFIGS:
-        raise Invalid(f"unknown reward model kind {kind!r}; choose one of {', '.join(sorted(CONFIGS))}")
+    configs: dict[str, Any] = {**HEAD_CONFIGS, "finetune": FinetuneConfig}
+    if kind not in configs:
+        raise Invalid(f"unknown reward model kind {kind!r}; choose one of {', '.join(sorted(configs))}")
     if not isinstance(overrides, dict):
         raise Invalid("hyperparameters must be a JSON object")
     values = dict(overrides)
     values.setdefault("device", device)
     try:
-        config = CONFIGS[kind].from_dict(values)
+        config = configs[kind].from_dict(values)
         config.validate()
     except ConfigError as exc:
         raise Invalid(
@@ -538,6 +540,10 @@ def reward_job_create(
     config = _resolve_config(kind, dict(rc.hyperparameters or {}) | dict(hyperparameters or {}), device)
     path = encoder_path or rc.encoder_path or _default_encoder_path(project)
     encoder = encoder_register(path=path)
+    if kind == "finetune" and (project.modality != "image" or encoder.family == "text"):
+        raise Invalid(
+            "encoder fine-tuning is for image projects with a CLIP or SigLIP encoder", code="bad_encoder"
+        )
     if not _encoder_supports(encoder, project.modality):
         raise Invalid(
             f"encoder {encoder.name} is a {encoder.family} encoder and cannot embed {project.modality} samples",
@@ -741,11 +747,11 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
         raise Invalid(f"too few training pairs after holding out {job.holdout:.0%}: {split.train.num_pairs}")
 
     report.phase("training", step=0)
-    config = CONFIGS[job.kind].from_dict(job.config)
 
     def on_progress(p: Progress) -> None:
         report(
             False,
+            True,
             step=p.step,
             total_steps=p.total_steps,
             epoch=p.epoch,
@@ -756,9 +762,17 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
             **{k: v for k, v in (p.metrics or {}).items() if isinstance(v, int | float)},
         )
 
-    model = TRAINERS[job.kind](
-        config, split.train, holdout=split.holdout if split.holdout.num_pairs else None, progress=on_progress
-    )
+    encoder = job.encoder
+    if job.kind == "finetune":
+        model, encoder, split, directory = _finetune(job, pairs, split, on_progress)
+    else:
+        config = CONFIGS[job.kind].from_dict(job.config)
+        model = TRAINERS[job.kind](
+            config,
+            split.train,
+            holdout=split.holdout if split.holdout.num_pairs else None,
+            progress=on_progress,
+        )
 
     report.phase("evaluating")
     figures: dict[str, Any] = {
@@ -780,29 +794,30 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
     with transaction.atomic():
         Project.objects.select_for_update().filter(id=project.id).first()
         number = (RewardModelVersion.objects.filter(project=project).aggregate(m=Max("number"))["m"] or 0) + 1
-        directory = _models_root() / project.slug / f"v{number}-{job.kind}-job{job.id}"
-        model.save_pretrained(
-            directory,
-            extra={
-                "project": project.slug,
-                "version": number,
-                "encoder": {
-                    "name": job.encoder.name,
-                    "fingerprint": job.encoder.fingerprint,
-                    "family": job.encoder.family,
-                    "dim": job.encoder.dim,
+        if job.kind != "finetune":  # a fine-tuned model was saved with its encoder already
+            directory = _models_root() / project.slug / f"v{number}-{job.kind}-job{job.id}"
+            model.save_pretrained(
+                directory,
+                extra={
+                    "project": project.slug,
+                    "version": number,
+                    "encoder": {
+                        "name": encoder.name,
+                        "fingerprint": encoder.fingerprint,
+                        "family": encoder.family,
+                        "dim": encoder.dim,
+                    },
+                    "snapshot": {"id": snapshot.id, "sha256": snapshot.sha256},
+                    "holdout": job.holdout,
+                    "metrics": figures,
                 },
-                "snapshot": {"id": snapshot.id, "sha256": snapshot.sha256},
-                "holdout": job.holdout,
-                "metrics": figures,
-            },
-        )
+            )
         version = RewardModelVersion.objects.create(
             project=project,
             number=number,
             job=job,
             kind=job.kind,
-            encoder=job.encoder,
+            encoder=encoder,
             snapshot=snapshot,
             path=str(directory),
             metrics=figures,
@@ -812,6 +827,49 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
         report.phase("champion/challenger")
         version = version_decide(version=version, model=model, split=split)
     return version
+
+
+def _finetune(
+    job: RewardTrainingJob, pairs: JudgedPairs, split: Split, on_progress: Callable[[Any], None]
+) -> tuple[Any, Encoder, Split, Path]:
+    """Fine-tune the image tower (last layers or LoRA) with a BT head on the images themselves, save
+    it, register the fine-tuned encoder, and re-split with features from it, so evaluation,
+    champion/challenger and scoring run the same code as for every other kind."""
+    from rewards.ml.finetune.config import FinetuneConfig
+    from rewards.ml.finetune.trainer import ImagePairs
+    from rewards.ml.finetune.trainer import train as finetune_train
+
+    config = FinetuneConfig.from_dict(job.config)
+    by_id: dict[int, Sample] = {}
+    ids = list(split.sample_ids)
+    for start in range(0, len(ids), 5000):
+        by_id.update(Sample.objects.select_related("prompt").in_bulk(ids[start : start + 5000]))
+    images = [_open_image(by_id[sid]) for sid in ids]
+    prompts = [by_id[sid].prompt.text for sid in ids]
+
+    def image_pairs(ps: Any) -> ImagePairs:
+        return ImagePairs(
+            images=images, prompts=prompts, a=ps.a, b=ps.b, outcome=ps.outcome, weight=ps.weight
+        )
+
+    result = finetune_train(
+        config,
+        image_pairs(split.train),
+        encoder_path=job.encoder.path,
+        holdout=image_pairs(split.holdout) if split.holdout.num_pairs else None,
+        progress=on_progress,
+    )
+    directory = _models_root() / job.project.slug / f"job{job.id}-finetune"
+    result.save_pretrained(directory)
+    encoder = encoder_register(path=str(directory / "encoder"))
+    embeddings_ensure(encoder=encoder, sample_ids=ids, frames=job.video_frames, device=job.device)
+    x, mask, prompt = features_load(encoder=encoder, sample_ids=ids)
+    return (
+        result.head,
+        encoder,
+        pairs_split(project=job.project, pairs=pairs, x=x, mask=mask, prompt=prompt, holdout=job.holdout),
+        directory,
+    )
 
 
 # --- Registry: champion / challenger --------------------------------------------------------------

@@ -457,3 +457,60 @@ def test_a_job_whose_worker_died_is_failed_and_unblocks_retraining(
     dead.refresh_from_db()
     assert dead.status == "failed" and "worker lost" in dead.error
     assert len(launched) == 1
+
+
+def _finetune_job(project: Any, manager: Any, clip_dir: Path, **hyper: Any) -> RewardTrainingJob:
+    return _run(project, manager, clip_dir, kind="finetune", hyperparameters={"epochs": 1, **hyper})
+
+
+def test_encoder_finetuning_job_registers_its_own_encoder(
+    make_project: Any, manager: Any, annotator: Any, clip_dir: Path
+) -> None:
+    """LoRA fine-tuning through the same job, on CPU: the version carries the fine-tuned encoder, and
+    evaluation, champion/challenger and scoring run on that encoder's embeddings."""
+    project = image_project(
+        make_project, manager, annotators=(annotator,), prompts=2, per_prompt=10, pairs_per_prompt=20
+    )
+    simulate(project, annotator, brighter)
+    base = _run(project, manager, clip_dir, hyperparameters={"epochs": 5})
+    job = _finetune_job(project, manager, clip_dir, device="cpu", method="lora", batch_size=8)
+    assert job.status == "succeeded", job.error
+    version = RewardModelVersion.objects.get(job=job)
+    assert version.encoder.fingerprint != base.encoder.fingerprint
+    assert version.encoder.path == str(Path(version.path) / "encoder")
+    assert version.metrics["holdout_pairs"] > 0 and version.metrics["holdout_accuracy"] is not None
+    assert version.decision["champion"]["version"] == 1  # compared with the frozen-encoder model
+    services.version_activate(version=version, actor=manager)
+    assert services.version_score_samples(version_id=version.id) == 20
+    assert SampleEmbedding.objects.filter(encoder=version.encoder).count() == 20
+    with pytest.raises(Invalid, match="hyperparameter method"):
+        services.reward_job_create(
+            project=project,
+            actor=manager,
+            encoder_path=str(clip_dir),
+            kind="finetune",
+            hyperparameters={"method": "full"},
+            dispatch=False,
+        )
+
+
+@pytest.mark.gpu
+def test_encoder_finetuning_job_on_the_gpu(
+    make_project: Any, manager: Any, annotator: Any, clip_dir: Path
+) -> None:
+    project = image_project(
+        make_project, manager, annotators=(annotator,), prompts=2, per_prompt=10, pairs_per_prompt=20
+    )
+    simulate(project, annotator, brighter)
+    job = services.reward_job_create(
+        project=project,
+        actor=manager,
+        encoder_path=str(clip_dir),
+        kind="finetune",
+        device="cuda",
+        hyperparameters={"epochs": 2, "dtype": "bfloat16"},
+        dispatch=False,
+    )
+    job = services.reward_job_run(job_id=job.id)
+    assert job.status == "succeeded", job.error
+    assert RewardModelVersion.objects.get(job=job).metrics["holdout_accuracy"] >= 0.8

@@ -31,7 +31,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--project", required=True)
-        parser.add_argument("--kind", choices=["bt", "aspects", "ensemble", "artifact"])
+        parser.add_argument("--kind", choices=["bt", "aspects", "ensemble", "artifact", "finetune"])
         parser.add_argument(
             "--encoder", help="local encoder directory (default: the project's reward config)"
         )
