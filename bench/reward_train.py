@@ -259,7 +259,9 @@ def cmd_loop(args: argparse.Namespace) -> int:
         from django.contrib.auth import get_user_model
 
         services.version_activate(version=newest, actor=get_user_model().objects.get(username="bench-admin"))
-    print(f"baseline v{newest.number} on {baseline['train_pairs']} pairs, held-out accuracy {baseline['holdout_accuracy']:.4f}")
+    print(
+        f"baseline v{newest.number} on {baseline['train_pairs']} pairs, held-out accuracy {baseline['holdout_accuracy']:.4f}"
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -282,7 +284,11 @@ def cmd_loop(args: argparse.Namespace) -> int:
         job = None
         while time.perf_counter() - t0 < args.timeout:
             job = RewardTrainingJob.objects.filter(project=project, trigger="auto").order_by("-id").first()
-            if job and launched is None and job.created_at.timestamp() > time.time() - (time.perf_counter() - t0) - 1:
+            if (
+                job
+                and launched is None
+                and job.created_at.timestamp() > time.time() - (time.perf_counter() - t0) - 1
+            ):
                 launched = time.perf_counter() - t0
             if registered is None and RewardModelVersion.objects.filter(project=project).count() > before:
                 registered = time.perf_counter() - t0
@@ -296,11 +302,23 @@ def cmd_loop(args: argparse.Namespace) -> int:
         if job.status != "succeeded":
             raise SystemExit(f"job {job.id} {job.status}: {job.error}")
         v = RewardModelVersion.objects.get(job=job)
-        print(json.dumps({"new_judgments": args.new, "beat_check_s": args.check_seconds,
-                          "job_launched_after_s": round(launched or 0, 1), "version_registered_after_s": round(registered or 0, 1),
-                          "decided_after_s": round(done, 1), "promoted": v.decision.get("promoted"),
-                          "reason": v.decision.get("reason"), "challenger": v.decision.get("challenger"),
-                          "champion": v.decision.get("champion"), "machine": annotation_load.machine_info()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "new_judgments": args.new,
+                    "beat_check_s": args.check_seconds,
+                    "job_launched_after_s": round(launched or 0, 1),
+                    "version_registered_after_s": round(registered or 0, 1),
+                    "decided_after_s": round(done, 1),
+                    "promoted": v.decision.get("promoted"),
+                    "reason": v.decision.get("reason"),
+                    "challenger": v.decision.get("challenger"),
+                    "champion": v.decision.get("champion"),
+                    "machine": annotation_load.machine_info(),
+                },
+                indent=2,
+            )
+        )
     finally:
         proc.send_signal(2)
         proc.wait(timeout=60)

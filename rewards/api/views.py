@@ -83,7 +83,9 @@ def _version(project: Any, number: int) -> RewardModelVersion:
 
 class RewardJobListCreateView(APIView):
     class InputSerializer(serializers.Serializer):
-        kind = serializers.ChoiceField(choices=["bt", "aspects", "ensemble", "artifact", "finetune"], required=False)
+        kind = serializers.ChoiceField(
+            choices=["bt", "aspects", "ensemble", "artifact", "finetune"], required=False
+        )
         encoder = serializers.CharField(required=False, allow_blank=True, help_text="local encoder directory")
         snapshot = serializers.IntegerField(
             required=False, help_text="a raw snapshot id (default: a new one)"
