@@ -307,7 +307,7 @@ def test_last_layers_trains_the_last_layer_and_what_follows(
 
 
 def test_merge_gives_the_unmerged_outputs(runs: dict[str, Run], data: tuple[ImagePairs, ImagePairs]) -> None:
-    model = copy.deepcopy(runs["lora"].unmerged)
+    model: Any = copy.deepcopy(runs["lora"].unmerged)
     processor = runs["lora"].model.encoder.image_processor
     assert processor is not None
     pixels = processor(images=data[0].images, return_tensors="pt")["pixel_values"]
