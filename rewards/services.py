@@ -59,8 +59,16 @@ def reward_config_get(*, project: Project) -> RewardConfig:
     return config
 
 
+def _project_modalities(project: Project) -> list[str]:
+    """The modalities a project's samples have: its own, or for a mixed project (blank modality)
+    those its samples actually use."""
+    if project.modality:
+        return [project.modality]
+    return sorted(set(Sample.objects.filter(project=project).values_list("modality", flat=True)))
+
+
 def _default_encoder_path(project: Project) -> str:
-    if project.modality == "text":
+    if _project_modalities(project) == ["text"]:
         from rewards.ml.encoders import default_text_encoder_path
 
         return str(default_text_encoder_path())
@@ -540,13 +548,17 @@ def reward_job_create(
     config = _resolve_config(kind, dict(rc.hyperparameters or {}) | dict(hyperparameters or {}), device)
     path = encoder_path or rc.encoder_path or _default_encoder_path(project)
     encoder = encoder_register(path=path)
-    if kind == "finetune" and (project.modality != "image" or encoder.family == "text"):
+    modalities = _project_modalities(project)
+    if kind == "finetune" and (modalities != ["image"] or encoder.family == "text"):
         raise Invalid(
             "encoder fine-tuning is for image projects with a CLIP or SigLIP encoder", code="bad_encoder"
         )
-    if not _encoder_supports(encoder, project.modality):
+    unsupported = [m for m in modalities if not _encoder_supports(encoder, m)]
+    if unsupported:
+        # One head needs one embedding space: a mixed text + image project has none.
         raise Invalid(
-            f"encoder {encoder.name} is a {encoder.family} encoder and cannot embed {project.modality} samples",
+            f"encoder {encoder.name} is a {encoder.family} encoder and cannot embed "
+            f"{' or '.join(unsupported)} samples",
             code="bad_encoder",
         )
     if snapshot is not None:

@@ -518,3 +518,36 @@ def test_encoder_finetuning_job_on_the_gpu(
     job = services.reward_job_run(job_id=job.id)
     assert job.status == "succeeded", job.error
     assert RewardModelVersion.objects.get(job=job).metrics["holdout_accuracy"] >= 0.8
+
+
+def test_mixed_projects_train_when_one_encoder_fits_all_their_samples(
+    make_project: Any, manager: Any, annotator: Any, clip_dir: Path
+) -> None:
+    """A project with a blank modality takes any samples: the encoder must fit those it has."""
+    project = make_project("mixed", annotators=(annotator,))
+    assert project.modality == ""
+    items = [
+        {"prompt": f"question {i}", "text": f"answer {v} to {i}", "generator": "g", "generator_version": v}
+        for i in range(8)
+        for v in ("a", "b", "c")
+    ]
+    annotate_services.sample_create_texts(project=project, actor=manager, items=items)
+    annotate_services.comparisons_create_random_pairs(
+        project=project, actor=manager, pairs_per_prompt=3, seed=0
+    )
+    simulate(project, annotator, lambda a, b: min(a.id, b.id))
+    job = _run(project, manager, None, hyperparameters={"epochs": 2})  # only texts: MiniLM by default
+    assert job.status == "succeeded", job.error
+    annotate_services.sample_create_media(
+        project=project, actor=manager, file=io.BytesIO(mp4_bytes()), filename="x.mp4", prompt="question 0"
+    )
+    with pytest.raises(Invalid, match="has no encoder configured"):
+        services.reward_job_create(project=project, actor=manager, dispatch=False)
+    from rewards.ml.encoders import default_text_encoder_path
+
+    with pytest.raises(Invalid, match="cannot embed video samples"):
+        services.reward_job_create(
+            project=project, actor=manager, encoder_path=str(default_text_encoder_path()), dispatch=False
+        )
+    with pytest.raises(Invalid, match="cannot embed text samples"):
+        services.reward_job_create(project=project, actor=manager, encoder_path=str(clip_dir), dispatch=False)
