@@ -4,6 +4,7 @@ service or selector, render. Permissions are checked by the services/selectors."
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
@@ -287,6 +288,89 @@ class NextView(APIView):
         return Response(payload)
 
 
+_SUBMIT_SOURCES = (Judgment.Source.UI, Judgment.Source.API, Judgment.Source.SIMULATED)
+
+
+def _submit_input(data: Any) -> dict[str, Any]:
+    """Validate a judgment body like ``JudgmentSubmitView.InputSerializer`` does (same fields,
+    defaults, limits and error shape: a 400 naming each bad field)."""
+    if not isinstance(data, dict):
+        raise serializers.ValidationError({"non_field_errors": ["expected a JSON object"]})
+    errors: dict[str, list[str]] = {}
+    out: dict[str, Any] = {}
+
+    def integer(name: str, lo: int | None = None, hi: int | None = None, default: int | None = None) -> None:
+        raw = data.get(name, default)
+        if raw is None:
+            errors[name] = ["This field is required."]
+            return
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            errors[name] = ["A valid integer is required."]
+            return
+        try:
+            value = int(raw)
+        except ValueError:
+            errors[name] = ["A valid integer is required."]
+            return
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            errors[name] = [f"Ensure this value is between {lo} and {hi}."]
+            return
+        out[name] = value
+
+    def text(name: str, max_length: int) -> None:
+        raw = data.get(name, "")
+        if raw is None or isinstance(raw, bool | dict | list):
+            errors[name] = ["Not a valid string."]
+            return
+        value = str(raw).strip()
+        if len(value) > max_length:
+            errors[name] = [f"Ensure this field has no more than {max_length} characters."]
+            return
+        out[name] = value
+
+    def choice(name: str, choices: Sequence[str], default: str | None) -> None:
+        raw = data.get(name, default)
+        if raw is None:
+            return
+        if raw not in choices:
+            errors[name] = [f'"{raw}" is not a valid choice.']
+            return
+        out[name] = str(raw)
+
+    integer("assignment")
+    choice("choice", services.CHOICES, None)
+    if "ranking" in data:
+        ranking = data["ranking"]
+        if not isinstance(ranking, list) or len(ranking) > 16:
+            errors["ranking"] = ["Expected a list of at most 16 items."]
+        elif not all(
+            (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, str) and x.isdigit())
+            for x in ranking
+        ):
+            errors["ranking"] = ["A valid integer is required."]
+        else:
+            out["ranking"] = [int(x) for x in ranking]
+    aspects = data.get("aspects", {})
+    if not isinstance(aspects, dict) or not all(
+        isinstance(x, str | int | float) and not isinstance(x, bool) for x in aspects.values()
+    ):
+        errors["aspects"] = ["Expected a dictionary of strings."]
+    else:
+        out["aspects"] = {str(k): str(x) for k, x in aspects.items()}
+    text("rationale", 10_000)
+    artifacts = data.get("artifacts", [])
+    if not isinstance(artifacts, list) or not all(isinstance(x, dict) for x in artifacts):
+        errors["artifacts"] = ["Expected a list of objects."]
+    else:
+        out["artifacts"] = artifacts
+    integer("time_spent_ms", 0, 86_400_000, default=0)
+    text("idempotency_key", 64)
+    choice("source", _SUBMIT_SOURCES, Judgment.Source.UI)
+    if errors:
+        raise serializers.ValidationError(errors)
+    return out
+
+
 class JudgmentSubmitView(APIView):
     class InputSerializer(serializers.Serializer):
         assignment = serializers.IntegerField()
@@ -309,9 +393,9 @@ class JudgmentSubmitView(APIView):
         parameters=[OpenApiParameter("next", int, description="also return my next n leases")],
     )
     def post(self, request: Request, slug: str) -> Response:
-        data = self.InputSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        v = data.validated_data
+        # The labeling hot path: the same rules as InputSerializer (which documents the schema),
+        # checked by hand. Building and running a 9-field DRF serializer cost ~0.8 ms per label.
+        v = _submit_input(request.data)
         want_next = _int_param(request, "next", 0, 0, 20)
         # One transaction for the judgment and the next leases: fewer round trips per label.
         with transaction.atomic():

@@ -494,3 +494,73 @@ def test_openapi_schema_and_docs(manager: Any) -> None:
     assert b"/api/projects/{slug}/next/" in r.content
     c.force_login(manager)
     assert c.get("/api/docs/").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "assignment"),
+        ({"assignment": "abc"}, "assignment"),
+        ({"assignment": True}, "assignment"),
+        ({"choice": "middle"}, "choice"),
+        ({"ranking": "1,2"}, "ranking"),
+        ({"ranking": [1, "x"]}, "ranking"),
+        ({"aspects": ["a"]}, "aspects"),
+        ({"aspects": {"x": {"y": 1}}}, "aspects"),
+        ({"artifacts": {"sample": 1}}, "artifacts"),
+        ({"artifacts": ["blur"]}, "artifacts"),
+        ({"time_spent_ms": -1}, "time_spent_ms"),
+        ({"time_spent_ms": 86_400_001}, "time_spent_ms"),
+        ({"rationale": "x" * 10_001}, "rationale"),
+        ({"rationale": {"a": 1}}, "rationale"),
+        ({"idempotency_key": "k" * 65}, "idempotency_key"),
+        ({"source": "import"}, "source"),
+    ],
+)
+def test_submit_body_is_validated_field_by_field(
+    annotator: Any, make_project: Any, text_pairs: Any, body: dict[str, Any], field: str
+) -> None:
+    project = make_project("val", annotators=(annotator,))
+    text_pairs(project, n=1)
+    c = client_for(annotator)
+    lease = c.get("/api/projects/val/next/").json()["items"][0]
+    payload = {"assignment": lease["assignment"], "choice": "left", **body}
+    if body == {}:
+        payload = {"choice": "left"}
+    r = c.post("/api/projects/val/judgments/", payload, format="json")
+    assert r.status_code == 400, r.content
+    err = r.json()["error"]
+    assert err["code"] == "invalid" and field in err["details"]["fields"]
+    assert err["message"].startswith(f"{field}: ")
+    assert Judgment.objects.count() == 0
+    assert Assignment.objects.get(id=lease["assignment"]).status == "active"
+
+
+def test_submit_accepts_what_the_serializer_accepted(
+    annotator: Any, make_project: Any, text_pairs: Any
+) -> None:
+    """Numeric strings and surrounding spaces are normalised as DRF fields did."""
+    project = make_project("norm", annotators=(annotator,))
+    text_pairs(project, n=1)
+    c = client_for(annotator)
+    lease = c.get("/api/projects/norm/next/").json()["items"][0]
+    r = c.post(
+        "/api/projects/norm/judgments/",
+        {
+            "assignment": str(lease["assignment"]),
+            "choice": "tie",
+            "time_spent_ms": "1200",
+            "rationale": "  close call  ",
+            "idempotency_key": " k1 ",
+        },
+        format="json",
+    )
+    assert r.status_code == 201, r.content
+    j = Judgment.objects.get()
+    assert (j.outcome, j.time_spent_ms, j.rationale, j.idempotency_key, j.source) == (
+        "tie",
+        1200,
+        "close call",
+        "k1",
+        "ui",
+    )
