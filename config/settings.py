@@ -161,6 +161,11 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_BEAT_SCHEDULE = {
     "expire-leases": {"task": "annotate.tasks.expire_leases", "schedule": 30.0},
+    # New samples and comparisons get scores and active-learning priorities from the active model.
+    "reward-scores-refresh": {
+        "task": "rewards.tasks.scores_refresh",
+        "schedule": env_float("RL_SCORE_REFRESH_SECONDS", 60.0, minimum=5.0),
+    },
     # Per-project rules (N new judgments / every T minutes) live in each project's RewardConfig.
     "reward-retrain-due": {
         "task": "rewards.tasks.retrain_due",

@@ -169,6 +169,9 @@ class RewardModelVersion(models.Model):
         default=dict, blank=True, help_text="Champion/challenger outcome and figures."
     )
     is_active = models.BooleanField(default=False)
+    scored_at = models.DateTimeField(
+        null=True, blank=True, help_text="When scoring (and comparison priorities) last started."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -28,7 +28,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from annotate.errors import Conflict, Invalid, NotFound
-from annotate.models import DatasetSnapshot, Judgment, Project, ProjectMember, Sample
+from annotate.models import Comparison, DatasetSnapshot, Judgment, Project, ProjectMember, Sample
 from annotate.services import member_role_require, snapshot_build, snapshot_create
 from rewards.models import (
     Encoder,
@@ -1005,13 +1005,31 @@ def version_activate(*, version: RewardModelVersion, actor: Any) -> RewardModelV
 
 # --- Scoring and active learning ------------------------------------------------------------------
 def version_score_samples(
-    *, version_id: int, batch: int = 4096, progress: Callable[[int, int], None] | None = None
+    *,
+    version_id: int,
+    only_new: bool = False,
+    batch: int = 4096,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Score every sample of the version's project (embedding the new ones first) and store the
-    scores; then refresh the priorities of open comparisons when the version is active."""
+    """Score the samples of the version's project (embedding the new ones first) and store the
+    scores; then refresh the priorities of open comparisons when the version is active.
+
+    ``only_new`` scores just the samples this version has no score for and re-prioritises just the
+    comparisons created since its last scoring (the periodic refresh); otherwise everything."""
+    started = timezone.now()
     version = RewardModelVersion.objects.select_related("project", "encoder", "job").get(id=version_id)
     model = _load_version_model(version)
-    ids = list(Sample.objects.filter(project=version.project).order_by("id").values_list("id", flat=True))
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            SELECT s.id FROM annotate_sample s
+            WHERE s.project_id = %s AND (NOT %s OR NOT EXISTS (
+                SELECT 1 FROM rewards_samplescore sc WHERE sc.version_id = %s AND sc.sample_id = s.id))
+            ORDER BY s.id
+            """,
+            [version.project_id, only_new, version.id],
+        )
+        ids = [r[0] for r in cur.fetchall()]
     embeddings_ensure(encoder=version.encoder, sample_ids=ids, frames=version.job.video_frames)
     written = 0
     for start in range(0, len(ids), batch):
@@ -1043,17 +1061,57 @@ def version_score_samples(
         written += len(chunk)
         if progress:
             progress(written, len(ids))
-    version.refresh_from_db(fields=["is_active"])
+    version.refresh_from_db(fields=["is_active", "scored_at"])
     if version.is_active:
-        comparison_priorities_update(version=version, model=model)
+        since = version.scored_at if only_new else None
+        comparison_priorities_update(version=version, model=model, created_after=since)
+    RewardModelVersion.objects.filter(id=version.id).update(scored_at=started)
     return written
+
+
+def scores_refresh() -> list[int]:
+    """Queue incremental scoring for every active version whose project has samples it has not
+    scored or comparisons created since it last scored, so new work is prioritised within a
+    minute (beat). One queued refresh per version at a time. Returns the version ids queued."""
+    from rewards.tasks import gpu_score_samples
+
+    queued: list[int] = []
+    for version in RewardModelVersion.objects.filter(is_active=True):
+        since = version.scored_at
+        stale = (
+            since is None
+            or Comparison.objects.filter(
+                project_id=version.project_id, status="open", created_at__gt=since
+            ).exists()
+        )
+        if not stale:
+            with connection.cursor() as cur:
+                cur.execute(
+                    """SELECT EXISTS (SELECT 1 FROM annotate_sample s WHERE s.project_id = %s AND NOT EXISTS (
+                         SELECT 1 FROM rewards_samplescore sc WHERE sc.version_id = %s AND sc.sample_id = s.id))""",
+                    [version.project_id, version.id],
+                )
+                row = cur.fetchone()
+                stale = bool(row and row[0])
+        if stale and cache.add(score_refresh_key(version), True, timeout=600):
+            version_id = version.id
+            transaction.on_commit(lambda v=version_id: gpu_score_samples.delay(v, only_new=True))  # type: ignore[misc]
+            queued.append(version.id)
+    return queued
+
+
+def score_refresh_key(version: RewardModelVersion) -> str:
+    # The creation time makes the key unique across databases that reuse ids (test runs).
+    return f"reward-version:{version.id}:{version.created_at.timestamp()}:refresh-queued"
 
 
 def _floats_or_none(values: np.ndarray | None, n: int) -> list[float | None]:
     return [None] * n if values is None else [float(v) for v in values]
 
 
-def comparison_priorities_update(*, version: RewardModelVersion, model: Any = None) -> int:
+def comparison_priorities_update(
+    *, version: RewardModelVersion, model: Any = None, created_after: Any = None
+) -> int:
     """Active learning: set the priority of each open, non-gold pairwise comparison from how unsure
     the model is about it: closeness of P(first wins) to 0.5 (1 at 0.5, 0 at certainty), plus the
     ensemble's disagreement (std of member probabilities) when the model has one. ``next`` serves
@@ -1067,9 +1125,10 @@ def comparison_priorities_update(*, version: RewardModelVersion, model: Any = No
             SELECT c.id, min(cs.sample_id), max(cs.sample_id)
             FROM annotate_comparison c JOIN annotate_comparisonsample cs ON cs.comparison_id = c.id
             WHERE c.project_id = %s AND c.status = 'open' AND NOT c.is_gold
+              AND (%s::timestamptz IS NULL OR c.created_at > %s::timestamptz)
             GROUP BY c.id HAVING count(*) = 2
             """,
-            [version.project_id],
+            [version.project_id, created_after, created_after],
         )
         rows = cur.fetchall()
     if not rows:

@@ -2,8 +2,10 @@
 the ``gpu`` queue (settings.CELERY_TASK_ROUTES); a CPU worker serving that queue runs them too."""
 
 from celery import shared_task
+from django.core.cache import cache
 
 from rewards import services
+from rewards.models import RewardModelVersion
 
 
 @shared_task(name="rewards.tasks.gpu_train_reward_model", ignore_result=True)
@@ -13,8 +15,19 @@ def gpu_train_reward_model(job_id: int) -> None:
 
 
 @shared_task(name="rewards.tasks.gpu_score_samples", ignore_result=True)
-def gpu_score_samples(version_id: int) -> None:
-    services.version_score_samples(version_id=version_id)
+def gpu_score_samples(version_id: int, only_new: bool = False) -> None:
+    try:
+        services.version_score_samples(version_id=version_id, only_new=only_new)
+    finally:
+        if only_new:
+            version = RewardModelVersion.objects.filter(id=version_id).first()
+            if version is not None:
+                cache.delete(services.score_refresh_key(version))
+
+
+@shared_task(name="rewards.tasks.scores_refresh", ignore_result=True)
+def scores_refresh() -> list[int]:
+    return services.scores_refresh()
 
 
 @shared_task(name="rewards.tasks.retrain_due", ignore_result=True)

@@ -551,3 +551,47 @@ def test_mixed_projects_train_when_one_encoder_fits_all_their_samples(
         )
     with pytest.raises(Invalid, match="cannot embed text samples"):
         services.reward_job_create(project=project, actor=manager, encoder_path=str(clip_dir), dispatch=False)
+
+
+def test_new_samples_and_comparisons_are_scored_and_prioritised_incrementally(
+    judged_images: Any, manager: Any, clip_dir: Path
+) -> None:
+    from django.core.cache import cache
+
+    from tests.rewards.helpers import noise_png
+
+    job = _run(judged_images, manager, clip_dir, hyperparameters={"epochs": 20})
+    version = RewardModelVersion.objects.get(job=job)
+    assert version.is_active and version.scored_at is None
+    assert services.scores_refresh() == [version.id]  # never scored: queued once ...
+    assert services.scores_refresh() == []  # ... and not again while queued
+    cache.delete(services.score_refresh_key(version))
+    assert services.version_score_samples(version_id=version.id) == 120
+    version.refresh_from_db()
+    assert version.scored_at is not None
+    assert services.scores_refresh() == []  # nothing new
+
+    def sample(brightness: int, seed: int) -> int:
+        return annotate_services.sample_create_media(
+            project=judged_images,
+            actor=manager,
+            file=io.BytesIO(noise_png(brightness, seed)),
+            filename="n.png",
+            prompt="a picture number 2",
+            metadata={"brightness": brightness},
+        ).sample.id
+
+    new = annotate_services.comparisons_create(
+        project=judged_images, actor=manager, specs=[{"samples": [sample(30, 700001), sample(250, 700002)]}]
+    )[0]
+    old_open = Comparison.objects.filter(project=judged_images, status="open").exclude(id=new.id).first()
+    before = None if old_open is None else old_open.priority
+    assert services.scores_refresh() == [version.id]
+    assert services.version_score_samples(version_id=version.id, only_new=True) == 2  # just the new ones
+    new.refresh_from_db()
+    assert 0 <= new.priority < 0.5  # a clear pair: low priority, but set by the model
+    if old_open is not None:
+        old_open.refresh_from_db()
+        assert old_open.priority == before  # older comparisons were not recomputed
+    assert SampleScore.objects.filter(version=version).count() == 122
+    cache.delete(services.score_refresh_key(version))
