@@ -15,6 +15,7 @@ from django.utils.safestring import mark_safe
 from annotate.errors import ServiceError
 from annotate.models import DatasetSnapshot, Project
 from rewards import plots, services
+from rewards.api.views import version_of
 from rewards.models import (
     KIND_CHOICES,
     Encoder,
@@ -62,7 +63,9 @@ class RewardConfigForm(forms.ModelForm):
         try:
             if data.get("encoder_path"):
                 services.encoder_register(path=data["encoder_path"])
-            services._resolve_config(data.get("kind") or "bt", data.get("hyperparameters") or {}, "cpu")
+            services.reward_hyperparameters_resolve(
+                data.get("kind") or "bt", data.get("hyperparameters") or {}, "cpu"
+            )
         except ServiceError as exc:
             raise forms.ValidationError(exc.message) from exc
         return data
@@ -153,6 +156,7 @@ class RewardTrainingJobAdmin(admin.ModelAdmin):
     ]
     exclude = ["progress"]
     actions = ["cancel_jobs"]
+    list_select_related = ["project", "version"]
 
     @admin.display(description="progress")
     def progress_display(self, job: RewardTrainingJob) -> str:
@@ -168,7 +172,7 @@ class RewardTrainingJobAdmin(admin.ModelAdmin):
 
     @admin.display(description="version")
     def version_link(self, job: RewardTrainingJob) -> str:
-        version = RewardModelVersion.objects.filter(job=job).first()
+        version = version_of(job)
         if version is None:
             return "—"
         return format_html(

@@ -477,7 +477,8 @@ def pairs_split(
 
 
 # --- Jobs ------------------------------------------------------------------------------------------
-def _resolve_config(kind: str, overrides: dict[str, Any], device: str) -> dict[str, Any]:
+def reward_hyperparameters_resolve(kind: str, overrides: dict[str, Any], device: str) -> dict[str, Any]:
+    """The kind's full config with ``overrides`` applied and validated (a 400 naming the field)."""
     from rewards.ml.finetune.config import FinetuneConfig
     from rewards.ml.kinds import CONFIGS as HEAD_CONFIGS
     from rewards.ml.progress import ConfigError
@@ -545,7 +546,9 @@ def reward_job_create(
         raise Invalid("holdout must be between 0.05 and 0.5 (the share of comparisons held out)")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise Invalid(f"device must be 'cpu' or 'cuda[:N]', not {device!r}")
-    config = _resolve_config(kind, dict(rc.hyperparameters or {}) | dict(hyperparameters or {}), device)
+    config = reward_hyperparameters_resolve(
+        kind, dict(rc.hyperparameters or {}) | dict(hyperparameters or {}), device
+    )
     path = encoder_path or rc.encoder_path or _default_encoder_path(project)
     encoder = encoder_register(path=path)
     modalities = _project_modalities(project)
@@ -1064,7 +1067,7 @@ def version_score_samples(
     version.refresh_from_db(fields=["is_active", "scored_at"])
     if version.is_active:
         since = version.scored_at if only_new else None
-        comparison_priorities_update(version=version, model=model, created_after=since)
+        comparison_priorities_update(version=version, model=model, created_after=since, embedded=not only_new)
     RewardModelVersion.objects.filter(id=version.id).update(scored_at=started)
     return written
 
@@ -1110,7 +1113,7 @@ def _floats_or_none(values: np.ndarray | None, n: int) -> list[float | None]:
 
 
 def comparison_priorities_update(
-    *, version: RewardModelVersion, model: Any = None, created_after: Any = None
+    *, version: RewardModelVersion, model: Any = None, created_after: Any = None, embedded: bool = False
 ) -> int:
     """Active learning: set the priority of each open, non-gold pairwise comparison from how unsure
     the model is about it: closeness of P(first wins) to 0.5 (1 at 0.5, 0 at certainty), plus the
@@ -1134,7 +1137,8 @@ def comparison_priorities_update(
     if not rows:
         return 0
     sample_ids = sorted({r[1] for r in rows} | {r[2] for r in rows})
-    embeddings_ensure(encoder=version.encoder, sample_ids=sample_ids, frames=version.job.video_frames)
+    if not embedded:  # the caller may have just embedded every sample of the project
+        embeddings_ensure(encoder=version.encoder, sample_ids=sample_ids, frames=version.job.video_frames)
     x, mask, prompt = features_load(encoder=version.encoder, sample_ids=sample_ids)
     pos = {sid: i for i, sid in enumerate(sample_ids)}
     n = len(rows)
@@ -1149,8 +1153,9 @@ def comparison_priorities_update(
     )
     p = np.asarray(model.prob_first_wins(pairs), dtype=np.float64)
     priority = 1.0 - 2.0 * np.abs(p - 0.5)
-    if hasattr(model, "pair_uncertainty") and getattr(model, "kind", "") == "ensemble":
-        priority = priority + 2.0 * np.asarray(model.pair_uncertainty(pairs), dtype=np.float64)
+    uncertainty = model.pair_uncertainty(pairs)  # None except for ensembles
+    if uncertainty is not None:
+        priority = priority + 2.0 * np.asarray(uncertainty, dtype=np.float64)
     with connection.cursor() as cur:
         cur.execute(
             """

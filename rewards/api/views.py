@@ -19,8 +19,16 @@ from rewards import services
 from rewards.models import RewardModelVersion, RewardTrainingJob, SampleScore
 
 
+def version_of(job: RewardTrainingJob) -> RewardModelVersion | None:
+    """The job's version (load jobs with ``select_related("version")`` to avoid a query each)."""
+    try:
+        return job.version
+    except RewardModelVersion.DoesNotExist:
+        return None
+
+
 def job_out(job: RewardTrainingJob) -> dict[str, Any]:
-    version = RewardModelVersion.objects.filter(job=job).first()
+    version = version_of(job)
     return {
         "id": job.id,
         "kind": job.kind,
@@ -62,7 +70,7 @@ def version_out(version: RewardModelVersion, *, curves: bool = False) -> dict[st
 def _job(project: Any, job_id: int) -> RewardTrainingJob:
     job = (
         RewardTrainingJob.objects.filter(project=project, id=job_id)
-        .select_related("project", "encoder")
+        .select_related("project", "encoder", "version")
         .first()
     )
     if job is None:
@@ -100,7 +108,7 @@ class RewardJobListCreateView(APIView):
         project, _ = selectors.project_for_member(slug=slug, user=request.user)
         jobs = (
             RewardTrainingJob.objects.filter(project=project)
-            .select_related("encoder")
+            .select_related("encoder", "version")
             .order_by("-created_at")[:100]
         )
         return Response({"jobs": [job_out(j) for j in jobs]})

@@ -154,3 +154,21 @@ def test_cli_trains_in_the_foreground_and_prints_metrics(project: Any, manager: 
         call_command(
             "train_reward_model", "--project", project.slug, "--set", "epochs", stdout=out, stderr=err
         )
+
+
+def test_job_list_reads_each_version_without_a_query_per_job(
+    project: Any, manager: Any, clip_dir: Path, django_assert_max_num_queries: Any
+) -> None:
+    for _ in range(3):
+        job = services.reward_job_create(
+            project=project,
+            actor=manager,
+            encoder_path=str(clip_dir),
+            hyperparameters={"epochs": 2},
+            dispatch=False,
+        )
+        services.reward_job_run(job_id=job.id)
+    api = client_for(manager)
+    with django_assert_max_num_queries(3):
+        jobs = api.get(f"/api/projects/{project.slug}/reward-jobs/").json()["jobs"]
+    assert sorted(j["version"] for j in jobs) == [1, 2, 3]
