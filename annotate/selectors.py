@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -108,48 +109,14 @@ def _sample_dict(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_PAYLOAD_SQL = """
-SELECT s.id, s.modality, s.text, s.mime_type, s.width, s.height, s.duration, s.fps, s.content_hash,
-       s.prompt_id, p.text
-FROM annotate_sample s JOIN annotate_prompt p ON p.id = s.prompt_id
-WHERE s.id = ANY(%s)
-"""
-
-
 def leases_payload(*, project: Project, leases: Iterable[Assignment]) -> dict[str, Any]:
-    """What the labeling page needs to show a list of leases, samples in displayed order.
-
-    One query: a comparison's prompt is its samples' prompt (the database guarantees it)."""
-    leases = list(leases)
-    sample_ids = sorted({int(sid) for a in leases for sid in a.display_order})
-    rows: dict[int, dict[str, Any]] = {}
-    if sample_ids:
-        with connection.cursor() as cur:
-            cur.execute(_PAYLOAD_SQL, [sample_ids])
-            for r in cur.fetchall():
-                rows[r[0]] = {
-                    **dict(zip(_SAMPLE_FIELDS, r[:9], strict=True)),
-                    "prompt_id": r[9],
-                    "prompt__text": r[10],
-                }
-    items = []
-    for a in leases:
-        first = rows[int(a.display_order[0])]
-        items.append(
-            {
-                "assignment": a.id,
-                "comparison": a.comparison_id,
-                "expires_at": a.expires_at.isoformat(),
-                "prompt": {"id": first["prompt_id"], "text": first["prompt__text"]},
-                "samples": [_sample_dict(rows[int(sid)]) for sid in a.display_order],
-            }
-        )
-    return {
-        "items": items,
-        "options": {"tie": project.allow_tie, "both_bad": project.allow_both_bad},
-        "aspects": project.aspects,
-        "mode": project.mode,
-    }
+    """What the labeling page needs to show a list of leases, samples in displayed order (built
+    by ``rl_payload``, the same function that answers `next`)."""
+    with connection.cursor() as cur:
+        cur.execute("SELECT rl_payload(%s, %s)::text", [project.id, [a.id for a in leases]])
+        (body,) = cur.fetchone() or ("{}",)
+    payload: dict[str, Any] = json.loads(body)
+    return payload
 
 
 def annotator_progress(*, project: Project, annotator: Any) -> dict[str, Any]:

@@ -17,11 +17,11 @@ from typing import IO, Any
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.cache import cache
 from django.core.files.base import ContentFile
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from annotate.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
+from annotate.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError, TooLarge
 from annotate.media import MediaError, MediaInfo, MediaTooLarge, inspect_media, inspect_text
 from annotate.models import (
     Assignment,
@@ -124,13 +124,6 @@ def project_member_set(
         project=project, user=user, defaults={"role": role, "paused": paused}
     )
     return member
-
-
-def _require_member(*, project: Project, user: Any, member: ProjectMember | None) -> ProjectMember:
-    """The caller's membership; reuses one the view already loaded for this project and user."""
-    if member is not None and member.project_id == project.id and member.user_id == user.id:
-        return member
-    return member_role_require(project=project, user=user)
 
 
 # --- Prompts, generators, samples ----------------------------------------------------------------
@@ -392,60 +385,41 @@ def comparisons_create_random_pairs(
     return comparisons_create(project=project, actor=None, specs=specs, origin=Comparison.Origin.RANDOM)
 
 
-# --- Assignment: handing out work ----------------------------------------------------------------
-# Pick open comparisons, take a slot of each and lease them. SKIP LOCKED passes over rows that
-# other annotators are taking right now. The display order is shuffled per lease (left/right
-# randomised) and stored with it.
-_PICK = """
-picked AS (
-    SELECT c.id, c.priority FROM annotate_comparison c
-    WHERE c.project_id = %(project)s AND c.status = 'open' AND c.slots_taken < c.overlap
-      AND c.id <> ALL(%(taken)s)
-      AND NOT EXISTS (
-          SELECT 1 FROM annotate_assignment a WHERE a.comparison_id = c.id AND a.annotator_id = %(user)s)
-    ORDER BY c.priority DESC, c.id
-    LIMIT {limit}
-    FOR UPDATE OF c SKIP LOCKED
-), bumped AS (
-    UPDATE annotate_comparison c SET slots_taken = c.slots_taken + 1
-    WHERE c.id = ANY(ARRAY(SELECT id FROM picked))  -- an index lookup whatever the LIMIT estimate
-    RETURNING c.id, c.priority
-), leased AS (
-    INSERT INTO annotate_assignment
-        (project_id, comparison_id, annotator_id, status, display_order, leased_at, expires_at)
-    SELECT %(project)s, b.id, %(user)s, 'active',
-        (SELECT jsonb_agg(cs.sample_id ORDER BY random()) FROM annotate_comparisonsample cs
-          WHERE cs.comparison_id = b.id),
-        %(now)s, %(expires)s
-    FROM bumped b
-    ORDER BY b.priority DESC, b.id
-    RETURNING id, comparison_id, display_order, leased_at, expires_at
-)
-"""
+# --- Labeling: the hot path runs in PostgreSQL -----------------------------------------------------
+# `next` and `submit` are one statement each: the functions of migration 0005 (rl_next, rl_submit,
+# rl_leases, ...) lock the caller's membership, hand out leases with FOR UPDATE SKIP LOCKED, record
+# the judgment and build the page's JSON. They are the only implementation of these rules.
+_SQL_ERRORS: dict[str, type[ServiceError]] = {
+    "RL400": Invalid,
+    "RL403": Forbidden,
+    "RL404": NotFound,
+    "RL409": Conflict,
+}
 
-# The caller's unexpired leases plus as many new ones as needed to make n, in one statement.
-_NEXT_SQL = (
-    """
-WITH held AS (
-    SELECT a.id, a.comparison_id, a.display_order, a.leased_at, a.expires_at
-    FROM annotate_assignment a
-    WHERE a.project_id = %(project)s AND a.annotator_id = %(user)s AND a.status = 'active'
-      AND a.expires_at > %(now)s
-    ORDER BY a.leased_at, a.id
-    LIMIT %(n)s
-), """
-    + _PICK.format(
-        limit="CASE WHEN %(paused)s THEN 0 ELSE GREATEST(%(n)s - (SELECT count(*) FROM held), 0) END"
-    )
-    + """
-SELECT 0, * FROM held
-UNION ALL
-SELECT 1, * FROM leased
-"""
-)
 
-# A second look for the slots SKIP LOCKED passed over (a fresh snapshot sees them once free).
-_PICK_MORE_SQL = "WITH " + _PICK.format(limit="%(need)s") + "SELECT 1, * FROM leased"
+def _labeling_call(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Run one labeling function and return its rows; its RLxxx errors become ServiceErrors.
+
+    On its own (autocommit) the statement is its own transaction: one round trip. Inside a
+    caller's transaction it runs in a savepoint, so a refusal leaves that transaction usable."""
+    try:
+        if connection.in_atomic_block:
+            with transaction.atomic(), connection.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall()
+        with connection.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+    except DatabaseError as exc:
+        diag = getattr(exc.__cause__, "diag", None)
+        error = _SQL_ERRORS.get(getattr(diag, "sqlstate", None) or "")
+        if error is None or diag is None:
+            raise
+        raise error(diag.message_primary or "refused", code=diag.message_hint or None) from None
+
+
+def _is_staff(user: Any) -> bool:
+    return bool(getattr(user, "is_staff", False))
 
 
 def _json(value: Any) -> Any:
@@ -453,74 +427,46 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def _lock_annotator(*, project: Project, annotator: Any, member: ProjectMember) -> None:
-    """Serialise one annotator's `next` calls in a project (two tabs, parallel prefetches), so
-    they agree on the leases held. Its own statement: a statement's snapshot predates any lock
-    it waits for inside itself."""
-    with connection.cursor() as cur:
-        if member.pk is not None:
-            cur.execute("SELECT 1 FROM annotate_projectmember WHERE id = %s FOR UPDATE", [member.pk])
-        else:  # staff acting without a membership row
-            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [project.id % 2**31, annotator.id % 2**31])
+def labeling_next(*, slug: str, annotator: Any, n: int = 1, now: datetime | None = None) -> str:
+    """Up to ``n`` leases for ``annotator`` in project ``slug``, as the labeling page's JSON text
+    (items with samples in displayed order, the project's options): their unexpired active leases
+    first, then new ones.
+
+    Concurrent callers never get the same slot (row locks with SKIP LOCKED); nobody is ever handed
+    a comparison they were handed before; paused annotators get only the leases they hold. One
+    annotator's parallel calls are serialised on their membership row. Non-members: NotFound."""
+    if not 1 <= n <= 20:
+        raise Invalid("n must be between 1 and 20")
+    rows = _labeling_call(
+        "SELECT rl_next(%s, %s, %s, %s, %s)::text",
+        [slug, annotator.id, _is_staff(annotator), n, now or timezone.now()],
+    )
+    return str(rows[0][0])
 
 
 def assignment_next(
-    *,
-    project: Project,
-    annotator: Any,
-    n: int = 1,
-    now: datetime | None = None,
-    member: ProjectMember | None = None,
-    member_locked: bool = False,
+    *, project: Project, annotator: Any, n: int = 1, now: datetime | None = None
 ) -> list[Assignment]:
-    """Return up to ``n`` leases for ``annotator``: their unexpired active leases first, then new
-    ones. Concurrent callers never get the same slot (row locks with SKIP LOCKED), and nobody
-    is ever handed a comparison they were handed before. Parallel calls of one annotator are
-    serialised on their membership row (``member_locked``: the caller already holds that lock
-    in the current transaction)."""
+    """The leases of ``labeling_next`` as rows, for Python callers (simulated annotators, tools)."""
     if not 1 <= n <= 20:
         raise Invalid("n must be between 1 and 20")
-    member = _require_member(project=project, user=annotator, member=member)
-    now = now or timezone.now()
-    params: dict[str, Any] = {
-        "project": project.id,
-        "user": annotator.id,
-        "n": n,
-        "now": now,
-        "expires": now + timedelta(seconds=project.lease_seconds),
-        "paused": member.paused,
-        "taken": [],
-    }
-
-    def lease(row: tuple[Any, ...]) -> Assignment:
-        return Assignment(
-            id=row[1],
+    rows = _labeling_call(
+        "SELECT id, comparison_id, display_order, leased_at, expires_at FROM rl_next_leases(%s, %s, %s, %s, %s)",
+        [project.slug, annotator.id, _is_staff(annotator), n, now or timezone.now()],
+    )
+    return [
+        Assignment(
+            id=r[0],
             project=project,
-            comparison_id=row[2],
+            comparison_id=r[1],
             annotator=annotator,
             status=Assignment.Status.ACTIVE,
-            display_order=_json(row[3]),
-            leased_at=row[4],
-            expires_at=row[5],
+            display_order=_json(r[2]),
+            leased_at=r[3],
+            expires_at=r[4],
         )
-
-    with transaction.atomic(savepoint=False), connection.cursor() as cur:
-        if not member_locked:
-            _lock_annotator(project=project, annotator=annotator, member=member)
-        cur.execute(_NEXT_SQL, params)
-        rows = cur.fetchall()
-        held = [lease(r) for r in rows if r[0] == 0]
-        fresh = [lease(r) for r in rows if r[0] == 1]
-        for _ in range(2):
-            need = n - len(held) - len(fresh)
-            if need <= 0 or member.paused:
-                break
-            params.update(need=need, taken=[a.comparison_id for a in fresh])
-            cur.execute(_PICK_MORE_SQL, params)
-            fresh += [lease(r) for r in cur.fetchall()]
-    held.sort(key=lambda a: (a.leased_at, a.id or 0))
-    fresh.sort(key=lambda a: a.id or 0)
-    return held + fresh
+        for r in rows
+    ]
 
 
 def assignment_skip(*, project: Project, annotator: Any, assignment_id: int) -> Assignment:
@@ -579,35 +525,92 @@ class SubmitResult:
     created: bool
 
 
-_LEASE_SQL = """
-SELECT a.annotator_id, a.status, a.display_order, a.comparison_id,
-       (SELECT array_agg(cs.sample_id ORDER BY cs.position) FROM annotate_comparisonsample cs
-         WHERE cs.comparison_id = a.comparison_id)
-FROM annotate_assignment a WHERE a.id = %s AND a.project_id = %s
-FOR UPDATE OF a
-"""
+@dataclass(frozen=True)
+class Submitted:
+    """What ``labeling_submit`` did: ``created`` is false for an idempotent replay; ``body`` is the
+    response's JSON text (the judgment, and the next leases when asked for)."""
 
-# One round trip for the three writes of a judgment; the hot path of labeling.
-_RECORD_SQL = """
-WITH j AS (
-    INSERT INTO annotate_judgment (project_id, comparison_id, annotator_id, assignment_id, outcome,
-        winner_id, ranking, aspects, rationale, artifacts, displayed_order, time_spent_ms, idempotency_key,
-        source, created_at)
-    VALUES (%(project)s, %(comparison)s, %(annotator)s, %(assignment)s, %(outcome)s, %(winner)s,
-        %(ranking)s, %(aspects)s, %(rationale)s, %(artifacts)s, %(displayed)s, %(time_spent)s, %(key)s,
-        %(source)s, %(now)s)
-    ON CONFLICT (annotator_id, idempotency_key) WHERE NOT (idempotency_key = '') DO NOTHING
-    RETURNING id
-), a AS (
-    UPDATE annotate_assignment SET status = 'done', finished_at = %(now)s
-    WHERE id = %(assignment)s AND EXISTS (SELECT 1 FROM j)
-), c AS (
-    UPDATE annotate_comparison SET judgments_count = judgments_count + 1,
-        status = CASE WHEN judgments_count + 1 >= overlap AND status = 'open' THEN 'complete' ELSE status END
-    WHERE id = %(comparison)s AND EXISTS (SELECT 1 FROM j)
-)
-SELECT id FROM j
-"""
+    created: bool
+    judgment_id: int
+    body: str
+
+
+def _check_artifacts(artifacts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Shape of artifact flags; that each names a sample of the comparison is checked in SQL."""
+    out = []
+    for i, item in enumerate(artifacts):
+        sample = item.get("sample") if isinstance(item, dict) else None
+        if isinstance(sample, str) and sample.isdigit():
+            sample = int(sample)
+        if not isinstance(sample, int) or isinstance(sample, bool):
+            raise Invalid(f"artifact {i}: 'sample' must be one of the comparison's samples")
+        tags = item.get("tags", [])
+        regions = item.get("regions", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise Invalid(f"artifact {i}: 'tags' must be a list of strings")
+        if not isinstance(regions, list) or not all(
+            isinstance(r, list) and len(r) == 4 and all(isinstance(v, int | float) for v in r)
+            for r in regions
+        ):
+            raise Invalid(f"artifact {i}: 'regions' must be a list of [x, y, w, h]")
+        out.append({"sample": sample, "tags": tags, "regions": regions})
+    return out
+
+
+def labeling_submit(
+    *,
+    slug: str,
+    annotator: Any,
+    assignment_id: int,
+    choice: str | None = None,
+    ranking: Sequence[int] | None = None,
+    aspects: dict[str, str] | None = None,
+    rationale: str = "",
+    artifacts: Sequence[dict[str, Any]] | None = None,
+    time_spent_ms: int = 0,
+    idempotency_key: str = "",
+    source: str = Judgment.Source.UI,
+    next_n: int = 0,
+    now: datetime | None = None,
+) -> Submitted:
+    """Record a judgment on a lease the annotator holds and, with ``next_n`` > 0, lease their next
+    comparisons, in one statement (the labeling hot path).
+
+    ``choice`` is left/right/tie/both_bad as shown; the judgment stores the canonical outcome
+    and the displayed order. A repeated ``idempotency_key`` returns the first judgment and
+    writes nothing. Refusals (not your lease, already judged, a disabled option, unknown aspects,
+    a wrong ranking) raise a ServiceError and leave the database unchanged."""
+    if not 0 <= time_spent_ms <= 86_400_000:
+        raise Invalid("time_spent_ms must be between 0 and 86400000")
+    if len(rationale) > 10_000:
+        raise Invalid("rationale is longer than 10000 characters")
+    if not 0 <= next_n <= 20:
+        raise Invalid("next must be between 0 and 20")
+    if aspects is not None and not isinstance(aspects, dict):
+        raise Invalid("aspects must be an object {aspect key: choice}")
+    checked = _check_artifacts(artifacts or [])
+    rows = _labeling_call(
+        "SELECT created, judgment_id, body::text FROM"
+        " rl_submit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        [
+            slug,
+            annotator.id,
+            _is_staff(annotator),
+            assignment_id,
+            choice,
+            None if ranking is None else json.dumps([int(x) for x in ranking]),
+            json.dumps(aspects or {}),
+            rationale,
+            json.dumps(checked),
+            time_spent_ms,
+            idempotency_key,
+            source,
+            now or timezone.now(),
+            next_n,
+        ],
+    )
+    created, judgment_id, body = rows[0]
+    return Submitted(bool(created), int(judgment_id), str(body))
 
 
 def judgment_submit(
@@ -623,160 +626,24 @@ def judgment_submit(
     time_spent_ms: int = 0,
     idempotency_key: str = "",
     source: str = Judgment.Source.UI,
-    member: ProjectMember | None = None,
+    now: datetime | None = None,
 ) -> SubmitResult:
-    """Record a judgment on a lease the annotator holds.
-
-    A repeated ``idempotency_key`` returns the first judgment and writes nothing. ``member`` is
-    the caller's membership when the view already loaded it (saves a query)."""
-    _require_member(project=project, user=annotator, member=member)
-    if not 0 <= time_spent_ms <= 86_400_000:
-        raise Invalid("time_spent_ms must be between 0 and 86400000")
-    if len(rationale) > 10_000:
-        raise Invalid("rationale is longer than 10000 characters")
-    # No savepoint: inside a caller's transaction (submit + next) this adds no round trips.
-    with transaction.atomic(savepoint=False), connection.cursor() as cur:
-        cur.execute(_LEASE_SQL, [assignment_id, project.id])
-        row = cur.fetchone()
-        if row is None:
-            raise NotFound(f"no lease {assignment_id} in project {project.slug}")
-        holder, status, display_order, comparison_id, canonical = row
-        if holder != annotator.id:
-            raise Forbidden("this comparison is not leased to you", code="not_your_lease")
-        if status == Assignment.Status.DONE:
-            prior = Judgment.objects.filter(assignment_id=assignment_id).first()
-            if prior is not None and idempotency_key and prior.idempotency_key == idempotency_key:
-                return SubmitResult(prior, False)
-            raise Conflict("you already judged this comparison", code="already_judged")
-        if status != Assignment.Status.ACTIVE:
-            raise Conflict(f"this lease was {status}; fetch a new comparison", code="lease_released")
-        # Django's psycopg setup hands raw-cursor jsonb back as text.
-        if isinstance(display_order, str):
-            display_order = json.loads(display_order)
-        shown = [int(x) for x in display_order]
-        fields = _outcome_fields(project, canonical, shown, choice, ranking)
-        judgment = Judgment(
-            project=project,
-            comparison_id=comparison_id,
-            annotator=annotator,
-            assignment_id=assignment_id,
-            aspects=_map_aspects(project, canonical, shown, aspects or {}),
-            rationale=rationale,
-            artifacts=_check_artifacts(canonical, artifacts or []),
-            displayed_order=shown,
-            time_spent_ms=time_spent_ms,
-            idempotency_key=idempotency_key,
-            source=source,
-            created_at=timezone.now(),
-            **fields,
-        )
-        cur.execute(
-            _RECORD_SQL,
-            {
-                "project": project.id,
-                "comparison": comparison_id,
-                "annotator": annotator.id,
-                "assignment": assignment_id,
-                "outcome": judgment.outcome,
-                "winner": judgment.winner_id,
-                "ranking": None if judgment.ranking is None else json.dumps(judgment.ranking),
-                "aspects": json.dumps(judgment.aspects),
-                "rationale": rationale,
-                "artifacts": json.dumps(judgment.artifacts),
-                "displayed": json.dumps(shown),
-                "time_spent": time_spent_ms,
-                "key": idempotency_key,
-                "source": source,
-                "now": judgment.created_at,
-            },
-        )
-        inserted = cur.fetchone()
-        if inserted is None:
-            # The idempotency key was used before, on another lease: nothing was written.
-            first = Judgment.objects.get(annotator=annotator, idempotency_key=idempotency_key)
-            return _replay(first, assignment_id)
-        judgment.id = inserted[0]
-    return SubmitResult(judgment, True)
-
-
-def _replay(first: Judgment, assignment_id: int) -> SubmitResult:
-    if first.assignment_id is not None and first.assignment_id != assignment_id:
-        raise Conflict(
-            "this idempotency key was already used for another lease", code="idempotency_key_reused"
-        )
-    return SubmitResult(first, False)
-
-
-def _outcome_fields(
-    project: Project,
-    canonical: list[int],
-    shown: list[int],
-    choice: str | None,
-    ranking: Sequence[int] | None,
-) -> dict[str, Any]:
-    if project.mode == Project.Mode.RANKING:
-        if ranking is None:
-            raise Invalid("this project wants a full 'ranking' (sample ids, best first)")
-        rank = [int(x) for x in ranking]
-        if sorted(rank) != sorted(canonical):
-            raise Invalid("ranking must list each sample of the comparison exactly once")
-        return {"outcome": Judgment.Outcome.RANKING, "ranking": rank, "winner_id": rank[0]}
-    if ranking is not None:
-        raise Invalid("this is a pairwise project: send 'choice', not 'ranking'")
-    outcome, winner = _map_choice(project, canonical, shown, choice, what="choice")
-    return {"outcome": outcome, "winner_id": winner, "ranking": None}
-
-
-def _map_choice(
-    project: Project, canonical: list[int], shown: list[int], choice: str | None, *, what: str
-) -> tuple[str, int | None]:
-    if choice not in CHOICES:
-        raise Invalid(f"{what} must be one of {', '.join(CHOICES)}")
-    if choice == "tie":
-        if not project.allow_tie:
-            raise Invalid("this project does not allow ties", code="option_disabled")
-        return Judgment.Outcome.TIE, None
-    if choice == "both_bad":
-        if not project.allow_both_bad:
-            raise Invalid("this project does not allow 'both bad'", code="option_disabled")
-        return Judgment.Outcome.BOTH_BAD, None
-    winner = shown[0] if choice == "left" else shown[1]
-    return (Judgment.Outcome.A if winner == canonical[0] else Judgment.Outcome.B), winner
-
-
-def _map_aspects(
-    project: Project, canonical: list[int], shown: list[int], aspects: dict[str, str]
-) -> dict[str, str]:
-    if not isinstance(aspects, dict):
-        raise Invalid("aspects must be an object {aspect key: choice}")
-    known = {a["key"] for a in project.aspects}
-    unknown = set(aspects) - known
-    if unknown:
-        raise Invalid(f"unknown aspects {sorted(unknown)}; this project has {sorted(known)}")
-    if aspects and project.mode != Project.Mode.PAIRWISE:
-        raise Invalid("per-aspect outcomes are for pairwise projects")
-    return {
-        key: _map_choice(project, canonical, shown, value, what=f"aspect {key!r}")[0]
-        for key, value in aspects.items()
-    }
-
-
-def _check_artifacts(canonical: list[int], artifacts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for i, item in enumerate(artifacts):
-        if not isinstance(item, dict) or int(item.get("sample", -1)) not in canonical:
-            raise Invalid(f"artifact {i}: 'sample' must be one of the comparison's samples")
-        tags = item.get("tags", [])
-        regions = item.get("regions", [])
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise Invalid(f"artifact {i}: 'tags' must be a list of strings")
-        if not isinstance(regions, list) or not all(
-            isinstance(r, list) and len(r) == 4 and all(isinstance(v, int | float) for v in r)
-            for r in regions
-        ):
-            raise Invalid(f"artifact {i}: 'regions' must be a list of [x, y, w, h]")
-        out.append({"sample": int(item["sample"]), "tags": tags, "regions": regions})
-    return out
+    """``labeling_submit`` for Python callers: the stored judgment as a row."""
+    done = labeling_submit(
+        slug=project.slug,
+        annotator=annotator,
+        assignment_id=assignment_id,
+        choice=choice,
+        ranking=ranking,
+        aspects=aspects,
+        rationale=rationale,
+        artifacts=artifacts,
+        time_spent_ms=time_spent_ms,
+        idempotency_key=idempotency_key,
+        source=source,
+        now=now,
+    )
+    return SubmitResult(Judgment.objects.get(id=done.judgment_id), done.created)
 
 
 def judgment_undo(*, project: Project, annotator: Any, now: datetime | None = None) -> Assignment:
