@@ -254,8 +254,12 @@ class Assignment(models.Model):
         SKIPPED = "skipped", "Skipped"
         EXPIRED = "expired", "Expired"
 
-    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
-    comparison = models.ForeignKey(Comparison, on_delete=models.CASCADE, related_name="assignments")
+    # No single-column indexes where a composite one leads with the column (assignment_mine,
+    # assignment_once_per_annotator): each index is written at every lease and every label.
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+", db_index=False)
+    comparison = models.ForeignKey(
+        Comparison, on_delete=models.CASCADE, related_name="assignments", db_index=False
+    )
     annotator = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments"
     )
@@ -294,10 +298,14 @@ class Judgment(models.Model):
         IMPORT = "import", "Import"
         SIMULATED = "simulated", "Simulated annotator"
 
-    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="judgments")
-    comparison = models.ForeignKey(Comparison, on_delete=models.CASCADE, related_name="judgments")
+    # Composite indexes lead with these three (judgment_project_time, judgment_once_per_annotator,
+    # judgment_annotator_time); single-column ones would only add writes to every label.
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="judgments", db_index=False)
+    comparison = models.ForeignKey(
+        Comparison, on_delete=models.CASCADE, related_name="judgments", db_index=False
+    )
     annotator = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="judgments"
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="judgments", db_index=False
     )
     assignment = models.OneToOneField(
         Assignment, null=True, blank=True, on_delete=models.SET_NULL, related_name="judgment"

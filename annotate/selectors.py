@@ -48,18 +48,15 @@ def _from_row(model: Any, fields: Sequence[Any], values: Sequence[Any]) -> Any:
     return model.from_db("default", [f.attname for f in fields], converted)
 
 
-def project_for_member(*, slug: str, user: Any, lock: bool = False) -> tuple[Project, ProjectMember]:
-    """The project and the caller's membership in one query (the labeling hot path: plain SQL,
-    no ORM query building).
-
-    ``lock`` also locks the membership row until the end of the current transaction, which
-    serialises one annotator's work-handling requests (see ``services.assignment_next``)."""
+def project_for_member(*, slug: str, user: Any) -> tuple[Project, ProjectMember]:
+    """The project and the caller's membership in one query (plain SQL, no ORM query building).
+    Non-members get NotFound; staff act as managers."""
     pf = Project._meta.concrete_fields
     mf = ProjectMember._meta.concrete_fields
     sql = (
         f"SELECT {', '.join(f'p.{f.column}' for f in pf)}, {', '.join(f'm.{f.column}' for f in mf)}"
         " FROM annotate_projectmember m JOIN annotate_project p ON p.id = m.project_id"
-        " WHERE p.slug = %s AND m.user_id = %s" + (" FOR UPDATE OF m" if lock else "")
+        " WHERE p.slug = %s AND m.user_id = %s"
     )
     with connection.cursor() as cur:
         cur.execute(sql, [slug, user.pk])

@@ -24,10 +24,12 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = p_state, MESSAGE = p_message, HINT = p_code;
 END $$;
 
--- The project and the caller's membership, locking the membership row (or, for staff acting
--- without one, an advisory lock) until the end of the transaction: this serialises one annotator's
--- requests in a project (two tabs, parallel prefetches) so that they agree on the leases held.
--- Non-members get 404, as if the project did not exist.
+-- The project and the caller's membership, then a transaction-scoped advisory lock on (project,
+-- caller) held to the end of the transaction: it serialises one annotator's requests in a project
+-- (two tabs, parallel prefetches) so that they agree on the leases held. An advisory lock lives in
+-- memory; a row lock on the membership would write the row and WAL at every request. Statements
+-- after this one take fresh snapshots, so they see what the request before committed.
+-- Non-members get 404, as if the project did not exist; staff act without a membership.
 CREATE OR REPLACE FUNCTION rl_enter(p_slug text, p_user integer, p_staff boolean,
     OUT project_id bigint, OUT allow_tie boolean, OUT allow_both_bad boolean, OUT aspects jsonb,
     OUT mode text, OUT lease_seconds integer, OUT paused boolean)
@@ -35,25 +37,20 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_role text;
 BEGIN
-    SELECT p.id, p.allow_tie, p.allow_both_bad, p.aspects, p.mode, p.lease_seconds
-      INTO project_id, allow_tie, allow_both_bad, aspects, mode, lease_seconds
-      FROM annotate_project p WHERE p.slug = p_slug;
-    IF NOT FOUND THEN
+    SELECT p.id, p.allow_tie, p.allow_both_bad, p.aspects, p.mode, p.lease_seconds, m.role, m.paused
+      INTO project_id, allow_tie, allow_both_bad, aspects, mode, lease_seconds, v_role, paused
+      FROM annotate_project p
+      LEFT JOIN annotate_projectmember m ON m.project_id = p.id AND m.user_id = p_user
+     WHERE p.slug = p_slug;
+    IF NOT FOUND OR (v_role IS NULL AND NOT p_staff) THEN
         PERFORM rl_fail('RL404', 'not_found', format('no project %L', p_slug));
     END IF;
-    SELECT m.role, m.paused INTO v_role, paused
-      FROM annotate_projectmember m WHERE m.project_id = rl_enter.project_id AND m.user_id = p_user
-      FOR UPDATE;
-    IF NOT FOUND THEN
-        IF NOT p_staff THEN
-            PERFORM rl_fail('RL404', 'not_found', format('no project %L', p_slug));
-        END IF;
-        paused := false;
-        PERFORM pg_advisory_xact_lock((rl_enter.project_id % 2147483648)::integer, p_user);
-    ELSIF v_role NOT IN ('manager', 'annotator') THEN
+    IF v_role IS NOT NULL AND v_role NOT IN ('manager', 'annotator') THEN
         PERFORM rl_fail('RL403', 'forbidden',
             format('this needs the manager or annotator role in %s', p_slug));
     END IF;
+    paused := COALESCE(paused, false);
+    PERFORM pg_advisory_xact_lock((rl_enter.project_id % 2147483648)::integer, p_user);
 END $$;
 
 -- The caller's unexpired active leases (oldest first), then new ones to make p_n. SKIP LOCKED
@@ -252,8 +249,7 @@ BEGIN
     SELECT * INTO e FROM rl_enter(p_slug, p_user, p_staff);
     SELECT a.annotator_id, a.status, a.display_order, a.comparison_id
       INTO v_holder, v_status, v_display, v_comparison
-      FROM annotate_assignment a WHERE a.id = p_assignment AND a.project_id = e.project_id
-      FOR UPDATE;
+      FROM annotate_assignment a WHERE a.id = p_assignment AND a.project_id = e.project_id;
     IF NOT FOUND THEN
         PERFORM rl_fail('RL404', 'not_found', format('no lease %s in project %s', p_assignment, p_slug));
     END IF;
@@ -341,7 +337,14 @@ BEGIN
             judgment_id := v_prior.id;
         ELSE
             created := true;
-            UPDATE annotate_assignment SET status = 'done', finished_at = p_now WHERE annotate_assignment.id = p_assignment;
+            -- No row lock was taken on the lease when it was read: this update takes it, and if the
+            -- lease meanwhile expired (lease expiry runs concurrently), the error undoes the insert.
+            UPDATE annotate_assignment SET status = 'done', finished_at = p_now
+             WHERE annotate_assignment.id = p_assignment AND annotate_assignment.status = 'active';
+            IF NOT FOUND THEN
+                PERFORM rl_fail('RL409', 'lease_released', format('this lease was %s; fetch a new comparison',
+                    (SELECT a.status FROM annotate_assignment a WHERE a.id = p_assignment)));
+            END IF;
             UPDATE annotate_comparison SET judgments_count = judgments_count + 1,
                 status = CASE WHEN judgments_count + 1 >= overlap AND status = 'open' THEN 'complete' ELSE status END
              WHERE annotate_comparison.id = v_comparison;

@@ -101,7 +101,7 @@ def test_aspects_map_through_the_displayed_order(annotator: Any, make_project: A
     c = client_for(annotator)
     lease = c.get("/api/projects/asp/next/").json()["items"][0]
     a = lease["assignment"]
-    refusals = [
+    refusals: list[tuple[dict[str, Any], str]] = [
         ({"choice": "left", "aspects": {"color": "left", "zeta": "x"}},
          "unknown aspects ['color', 'zeta']; this project has ['alignment', 'fidelity']"),
         ({"choice": "left", "aspects": {"fidelity": "middle"}},

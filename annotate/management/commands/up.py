@@ -99,6 +99,8 @@ class Command(BaseCommand):
                 "-m",
                 "gunicorn",
                 "config.wsgi:application",
+                "--config",
+                "python:config.gunicorn",
                 "--bind",
                 f"{opts['host']}:{opts['port']}",
                 "--workers",
@@ -118,9 +120,10 @@ class Command(BaseCommand):
                 "10",
                 "--timeout",
                 "120",
-                "--access-logfile",
-                "-" if os.environ.get("RL_ACCESS_LOG") else "/dev/null",
-            ],
+            ]
+            # No access log unless asked for: even to /dev/null, gunicorn formats every line
+            # (~7% of a web worker's CPU on the labeling path).
+            + (["--access-logfile", "-"] if os.environ.get("RL_ACCESS_LOG") else []),
         )
         if not opts["no_worker"]:
             self._spawn(

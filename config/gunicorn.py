@@ -1,0 +1,24 @@
+"""gunicorn server hooks, loaded by `manage.py up` and the docker image (``-c python:config.gunicorn``).
+
+Keep-alive connections stay with the worker process that accepted them. When a burst of clients
+connects, one idle worker can take most of them (16 annotators came out 3/11/3 over 3 workers),
+and the clients on the crowded worker then wait behind each other while the other workers idle:
+that was the slow tail of the labeling benchmark. So a worker holding more connections than it has
+threads answers a small share of its requests with ``Connection: close``. The client reconnects
+at once, and the accept goes to whichever worker is first to take it, usually a less busy one, so
+connections drift to where there is room. A reconnect costs well under a millisecond; with
+connections spread evenly nothing is closed.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+# Share of a crowded worker's requests that close their connection (a handful per second).
+SHED_SHARE = 0.02
+
+
+def pre_request(worker: Any, req: Any) -> None:
+    if getattr(worker, "nr_conns", 0) > worker.cfg.threads and random.random() < SHED_SHARE:
+        req.must_close = True
