@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -68,3 +69,63 @@ def test_one_annotator_twenty_tabs(annotator: Any, make_project: Any, text_pairs
     leases = {tuple(i["assignment"] for i in r.json()["items"]) for r in results}
     assert len(leases) == 1  # every tab sees the same two leases
     assert Assignment.objects.count() == 2
+
+
+def test_lease_expiring_during_submit_stores_nothing(
+    annotator: Any, make_project: Any, text_pairs: Any
+) -> None:
+    """`submit` reads the lease without locking it and takes the lock with its final update. If
+    lease expiry gets there first (it runs concurrently, from beat), the submit is refused and its
+    judgment insert is undone: the expired slot is not also counted as judged."""
+    from datetime import timedelta
+
+    from django.db import connections
+    from django.utils import timezone
+
+    from annotate import services
+    from annotate.errors import Conflict
+    from annotate.models import Judgment
+
+    project = make_project("race", annotators=(annotator,), lease_seconds=10)
+    text_pairs(project, n=2)
+    (lease,) = services.assignment_next(project=project, annotator=annotator)
+    expiry_locked = threading.Event()
+    release = threading.Event()
+
+    def expire_slowly() -> None:
+        # Another connection expires the lease and holds its transaction open for a moment.
+        with connections["default"].cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute(
+                "UPDATE annotate_assignment SET status = 'expired', finished_at = now() WHERE id = %s",
+                [lease.id],
+            )
+            cur.execute(
+                "UPDATE annotate_comparison SET slots_taken = slots_taken - 1 WHERE id = %s",
+                [lease.comparison_id],
+            )
+            expiry_locked.set()
+            release.wait(10)
+            cur.execute("COMMIT")
+        connections["default"].close()
+
+    other = threading.Thread(target=expire_slowly)
+    other.start()
+    assert expiry_locked.wait(10)
+    threading.Timer(0.5, release.set).start()  # the submit below blocks on the lease row until then
+    started = time.monotonic()
+    with pytest.raises(Conflict, match="this lease was expired; fetch a new comparison"):
+        services.judgment_submit(
+            project=project,
+            annotator=annotator,
+            assignment_id=lease.id,
+            choice="left",
+            now=timezone.now() + timedelta(seconds=1),
+        )
+    # It read the lease as active, inserted, then waited for the expiry's lock on its update.
+    assert time.monotonic() - started >= 0.4
+    other.join(10)
+    assert Judgment.objects.count() == 0
+    cmp = Comparison.objects.get(id=lease.comparison_id)
+    assert (cmp.status, cmp.slots_taken, cmp.judgments_count) == ("open", 0, 0)
+    assert Assignment.objects.get(id=lease.id).status == "expired"
