@@ -56,7 +56,8 @@ END $$;
 -- The caller's unexpired active leases (oldest first), then new ones to make p_n. SKIP LOCKED
 -- passes over comparisons other annotators are taking right now; a pick can come back short
 -- when a row changed under it, so it looks again (twice at most), each look a fresh snapshot.
--- The display order is shuffled per lease and stored with it.
+-- The display order is shuffled per lease and stored with it. Rows come out in the order to show:
+-- held ones oldest first, then new ones by id (callers keep it WITH ORDINALITY).
 CREATE OR REPLACE FUNCTION rl_leases(p_project bigint, p_user integer, p_n integer,
     p_now timestamptz, p_lease_seconds integer, p_paused boolean)
 RETURNS TABLE (fresh boolean, id bigint, comparison_id bigint, display_order jsonb,
@@ -106,7 +107,8 @@ BEGIN
                     annotate_assignment.display_order, annotate_assignment.leased_at,
                     annotate_assignment.expires_at
             )
-            SELECT true, l.id, l.comparison_id, l.display_order, l.leased_at, l.expires_at FROM leased l;
+            SELECT true, l.id, l.comparison_id, l.display_order, l.leased_at, l.expires_at FROM leased l
+            ORDER BY l.id;
         GET DIAGNOSTICS v_got = ROW_COUNT;
         v_need := v_need - v_got;
     END LOOP;
@@ -161,8 +163,8 @@ BEGIN
     SELECT * INTO e FROM rl_enter(p_slug, p_user, p_staff);
     RETURN QUERY
         SELECT e.project_id, l.fresh, l.id, l.comparison_id, l.display_order, l.leased_at, l.expires_at
-        FROM rl_leases(e.project_id, p_user, p_n, p_now, e.lease_seconds, e.paused) l
-        ORDER BY l.fresh, CASE WHEN l.fresh THEN NULL ELSE l.leased_at END, l.id;
+        FROM rl_leases(e.project_id, p_user, p_n, p_now, e.lease_seconds, e.paused) WITH ORDINALITY l
+        ORDER BY l.ordinality;
 END $$;
 
 -- `next` for the labeling page: the same leases as their payload.
@@ -170,17 +172,15 @@ CREATE OR REPLACE FUNCTION rl_next(p_slug text, p_user integer, p_staff boolean,
     p_n integer, p_now timestamptz) RETURNS json
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    v_project bigint;
+    e record;
     v_ids bigint[];
 BEGIN
-    SELECT min(l.project_id), array_agg(l.id ORDER BY l.ord) INTO v_project, v_ids
-      FROM (SELECT n.project_id, n.id, row_number() OVER () AS ord
-              FROM rl_next_leases(p_slug, p_user, p_staff, p_n, p_now) n) l;
+    SELECT * INTO e FROM rl_enter(p_slug, p_user, p_staff);
+    v_ids := ARRAY(
+        SELECT l.id FROM rl_leases(e.project_id, p_user, p_n, p_now, e.lease_seconds, e.paused)
+               WITH ORDINALITY l ORDER BY l.ordinality);
     -- A separate statement: the payload must see the leases just inserted (a later snapshot).
-    IF v_project IS NULL THEN  -- no leases: the project's options all the same
-        SELECT p.id INTO v_project FROM annotate_project p WHERE p.slug = p_slug;
-    END IF;
-    RETURN rl_payload(v_project, COALESCE(v_ids, '{}'));
+    RETURN rl_payload(e.project_id, v_ids);
 END $$;
 
 -- One choice ('left', 'right', 'tie', 'both_bad') as shown, as a canonical outcome and winner.
@@ -353,8 +353,8 @@ BEGIN
     IF p_next > 0 THEN
         -- Two statements: the payload must see the leases just inserted (a later snapshot).
         v_ids := ARRAY(
-            SELECT l.id FROM rl_leases(e.project_id, p_user, p_next, p_now, e.lease_seconds, e.paused) l
-            ORDER BY l.fresh, CASE WHEN l.fresh THEN NULL ELSE l.leased_at END, l.id);
+            SELECT l.id FROM rl_leases(e.project_id, p_user, p_next, p_now, e.lease_seconds, e.paused)
+                   WITH ORDINALITY l ORDER BY l.ordinality);
         v_next := rl_payload(e.project_id, v_ids);
         body := json_build_object('judgment', rl_judgment_json(judgment_id), 'next', v_next);
     ELSE
