@@ -46,11 +46,11 @@ def _tree_processes(var_dir: Path, port: int) -> list[psutil.Process]:
     return found
 
 
-def _start(var_dir: Path, port: int) -> subprocess.Popen[str]:
+def _start(var_dir: Path, port: int, **extra_env: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "up", "--port", str(port)],
         cwd=ROOT,
-        env=_env(var_dir),
+        env={**_env(var_dir), **extra_env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -75,12 +75,37 @@ def _stop(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+def _web_workers(var_dir: Path, port: int) -> set[int]:
+    """pids of gunicorn's worker processes (the master's children)."""
+    masters = [p for p in _tree_processes(var_dir, port) if "gunicorn" in " ".join(p.cmdline())]
+    return {c.pid for m in masters for c in m.children() if "gunicorn" in " ".join(c.cmdline())}
+
+
 def test_up_serves_runs_worker_and_stops_cleanly() -> None:
     var_dir = ROOT / "var" / f"up-{uuid.uuid4().hex[:8]}"
     port = _free_port()
     try:
-        proc = _start(var_dir, port)
+        # Recycle web workers every 10 requests: they are forked from the master, which imported
+        # the app, and each new one must serve database-backed requests on its own connection.
+        proc = _start(var_dir, port, GUNICORN_CMD_ARGS="--max-requests 10 --max-requests-jitter 0")
         assert requests.get(f"http://127.0.0.1:{port}/api/schema/", timeout=5).status_code == 200
+        first_workers = _web_workers(var_dir, port)
+        assert len(first_workers) == 2
+        for i in range(60):  # a token lookup in the database, refused: 401 with our error body
+            r = requests.get(
+                f"http://127.0.0.1:{port}/api/projects/",
+                headers={"Authorization": f"Token not-a-token-{i}"},
+                timeout=10,
+            )
+            assert r.status_code == 401, r.text
+            assert r.json()["error"]["message"] == "Invalid token.", r.text
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (
+            len(_web_workers(var_dir, port)) != 2 or _web_workers(var_dir, port) & first_workers
+        ):
+            time.sleep(0.2)
+        assert len(_web_workers(var_dir, port)) == 2
+        assert not _web_workers(var_dir, port) & first_workers, "no worker was recycled"
         # The real Celery worker answers over the embedded Redis.
         code = (
             "import time; from config.celery import app\n"

@@ -78,6 +78,12 @@ def test_next_payload_is_exact_for_images(manager: Any, annotator: Any, make_pro
         "mode": "pairwise",
     }
     assert datetime.fromisoformat(body["items"][0]["expires_at"]) == lease.expires_at
+    # JSON whatever the client accepts (the endpoint does no content negotiation), and a second
+    # call hands back the same held lease.
+    again = client_for(annotator).get("/api/projects/img/next/", HTTP_ACCEPT="text/html")
+    assert again.status_code == 200
+    assert again["Content-Type"] == "application/json"
+    assert again.json() == body
     assert sorted(lease.display_order) == sorted(ids)
 
 
