@@ -394,7 +394,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
         for model in (Prompt, Sample, Comparison, ComparisonSample, ProjectMember, Judgment):
             cur.execute(f"VACUUM (ANALYZE) {connection.ops.quote_name(model._meta.db_table)}")
         # And a checkpoint: otherwise the load's WAL starts one that runs through the first minutes
-        # of measuring, when every page first touched writes a full image to WAL (about 20% fewer
+        # of measuring, when every page first touched writes a full image to WAL (15-20% fewer
         # labels/s until it ends). Timed checkpoints still come every checkpoint_timeout, as in
         # production. It needs the pg_checkpoint role on an external server.
         try:
