@@ -387,8 +387,9 @@ def comparisons_create_random_pairs(
 
 # --- Labeling: the hot path runs in PostgreSQL -----------------------------------------------------
 # `next` and `submit` are one statement each: the functions of migration 0005 (rl_next, rl_submit,
-# rl_leases, ...) lock the caller's membership, hand out leases with FOR UPDATE SKIP LOCKED, record
-# the judgment and build the page's JSON. They are the only implementation of these rules.
+# rl_leases, ...) check the caller's membership, serialise their parallel requests, hand out
+# leases with FOR UPDATE SKIP LOCKED, record the judgment and build the page's JSON. They are the
+# only implementation of these rules.
 _SQL_ERRORS: dict[str, type[ServiceError]] = {
     "RL400": Invalid,
     "RL403": Forbidden,
@@ -434,7 +435,8 @@ def labeling_next(*, slug: str, annotator: Any, n: int = 1, now: datetime | None
 
     Concurrent callers never get the same slot (row locks with SKIP LOCKED); nobody is ever handed
     a comparison they were handed before; paused annotators get only the leases they hold. One
-    annotator's parallel calls are serialised on their membership row. Non-members: NotFound."""
+    annotator's parallel calls are serialised by an advisory lock on (project, annotator).
+    Non-members: NotFound."""
     if not 1 <= n <= 20:
         raise Invalid("n must be between 1 and 20")
     rows = _labeling_call(
@@ -447,7 +449,7 @@ def labeling_next(*, slug: str, annotator: Any, n: int = 1, now: datetime | None
 def assignment_next(
     *, project: Project, annotator: Any, n: int = 1, now: datetime | None = None
 ) -> list[Assignment]:
-    """The leases of ``labeling_next`` as rows, for Python callers (simulated annotators, tools)."""
+    """The leases of ``labeling_next`` as rows, for Python callers (scripts, tests)."""
     if not 1 <= n <= 20:
         raise Invalid("n must be between 1 and 20")
     rows = _labeling_call(

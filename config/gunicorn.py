@@ -1,4 +1,6 @@
-"""gunicorn server hooks, loaded by `manage.py up` and the docker image (``-c python:config.gunicorn``).
+"""gunicorn settings and hooks, loaded by `manage.py up` and the docker image
+(``-c python:config.gunicorn``); the bind address and worker count come from their command lines,
+and ``GUNICORN_CMD_ARGS`` overrides anything here.
 
 Keep-alive connections stay with the worker process that accepted them. When a burst of clients
 connects, one idle worker can take most of them (16 annotators came out 3/11/3 over 3 workers),
@@ -20,6 +22,12 @@ from __future__ import annotations
 
 import random
 from typing import Any
+
+# gthread keeps HTTP connections alive (the sync worker closes each one); threads overlap
+# database round trips.
+worker_class = "gthread"
+threads = 6
+keepalive = 30
 
 preload_app = True
 

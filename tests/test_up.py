@@ -100,12 +100,12 @@ def test_up_serves_runs_worker_and_stops_cleanly() -> None:
             assert r.status_code == 401, r.text
             assert r.json()["error"]["message"] == "Invalid token.", r.text
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (
-            len(_web_workers(var_dir, port)) != 2 or _web_workers(var_dir, port) & first_workers
-        ):
+        workers = _web_workers(var_dir, port)
+        while time.monotonic() < deadline and (len(workers) != 2 or workers & first_workers):
             time.sleep(0.2)
-        assert len(_web_workers(var_dir, port)) == 2
-        assert not _web_workers(var_dir, port) & first_workers, "no worker was recycled"
+            workers = _web_workers(var_dir, port)
+        assert len(workers) == 2
+        assert not workers & first_workers, "no worker was recycled"
         # The real Celery worker answers over the embedded Redis.
         code = (
             "import time; from config.celery import app\n"

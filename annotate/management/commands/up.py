@@ -90,7 +90,8 @@ class Command(BaseCommand):
     def _start(self, opts: dict[str, Any]) -> None:
         py = sys.executable
         # Measured on 2 cores (docs/BENCHMARKS.md): one process per core plus one, each with six
-        # threads to overlap database round trips, beat more processes or more threads.
+        # threads (config/gunicorn.py) to overlap database round trips, beat more processes or more
+        # threads.
         workers = opts["workers"] or ((os.cpu_count() or 1) + 1)
         self._spawn(
             "web",
@@ -105,13 +106,6 @@ class Command(BaseCommand):
                 f"{opts['host']}:{opts['port']}",
                 "--workers",
                 str(workers),
-                # gthread keeps HTTP connections alive (the sync worker closes each one).
-                "--worker-class",
-                os.environ.get("RL_WEB_WORKER_CLASS", "gthread"),
-                "--threads",
-                os.environ.get("RL_WEB_THREADS", "6"),
-                "--keep-alive",
-                "30",
                 "--graceful-timeout",
                 "10",
                 "--timeout",
