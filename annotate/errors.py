@@ -38,3 +38,16 @@ class Conflict(ServiceError):
 class TooLarge(ServiceError):
     status = 413
     code = "too_large"
+
+
+class RateLimited(ServiceError):
+    status = 429
+    code = "rate_limited"
+
+
+class Unavailable(ServiceError):
+    """A service we depend on (the database, the broker) cannot be reached; retry later."""
+
+    status = 503
+    code = "unavailable"
+    retry_after = 5

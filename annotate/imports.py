@@ -1,7 +1,9 @@
 """Datasets in: samples in bulk (media + manifest) and existing preference data as judgments.
 
-Every import is all or nothing: rows are read and validated first, with errors naming the row,
-and only then written in one transaction. Media files written before a failure are removed.
+Every import is all or nothing: the rows are read and checked first, with errors naming the row,
+and then written in one transaction; media files written before a failure are removed. Media
+entries are read, checked and written one at a time, in batches bounded by bytes, so what a
+worker holds in memory does not grow with the upload (a small zip can inflate a thousandfold).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import csv
 import io
 import json
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -33,6 +36,7 @@ from annotate.models import (
 )
 from annotate.selectors import member_role_require
 from annotate.services import generator_version_get_or_create, prompt_get_or_create, sample_build
+from annotate.validation import check_json, clean_text
 
 Progress = Callable[[int], None] | None
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
@@ -82,8 +86,13 @@ class _Source:
                 raise TooLarge(
                     f"row {row}: {rel} is {info.file_size} bytes; the limit is {limit}", details={"row": row}
                 )
-            with self.zip.open(info) as fh:
-                data = fh.read(limit + 1)
+            try:
+                with self.zip.open(info) as fh:
+                    data = fh.read(limit + 1)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+                raise Invalid(
+                    f"row {row}: {rel} is damaged in the zip ({exc})", details={"row": row}
+                ) from exc
         else:
             assert self.root is not None
             target = (self.root / rel).resolve()
@@ -112,16 +121,22 @@ class _Source:
 def _manifest_rows(name: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
     if name.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
-        for i, row in enumerate(reader, start=1):
-            yield i, {k.strip(): (v if v != "" else None) for k, v in row.items() if k}
+        i = 0
+        try:
+            for i, row in enumerate(reader, start=1):
+                yield i, {k.strip(): (v if v != "" else None) for k, v in row.items() if k}
+        except csv.Error as exc:
+            raise Invalid(f"row {i + 1}: unreadable CSV ({exc})", details={"row": i + 1}) from exc
         return
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise Invalid(f"row {i}: not valid JSON ({exc.msg})", details={"row": i}) from exc
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise Invalid(
+                f"row {i}: not valid JSON ({getattr(exc, 'msg', exc)})", details={"row": i}
+            ) from exc
         if not isinstance(row, dict):
             raise Invalid(f"row {i}: expected a JSON object", details={"row": i})
         yield i, row
@@ -143,83 +158,133 @@ def samples_import(
     member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
     src = _Source(source)
     name, text = src.manifest(manifest)
-    limit = max(settings.RL_MAX_IMAGE_BYTES, settings.RL_MAX_VIDEO_BYTES)
-    planned: list[tuple[int, dict[str, Any], MediaInfo, bytes | None]] = []
-    seen: set[str] = set()
     result = ImportResult()
-    for i, row in _manifest_rows(name, text):
-        result.rows += 1
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise Invalid(f"row {i}: missing column 'prompt'", details={"row": i})
-        meta = row.get("metadata") or {}
-        if isinstance(meta, str):
-            try:
-                meta = json.loads(meta)
-            except json.JSONDecodeError as exc:
-                raise Invalid(f"row {i}: 'metadata' is not a JSON object", details={"row": i}) from exc
-        if not isinstance(meta, dict):
-            raise Invalid(f"row {i}: 'metadata' is not a JSON object", details={"row": i})
-        row["metadata"] = meta
-        data: bytes | None = None
-        try:
-            if row.get("path"):
-                data = src.read(str(row["path"]), i, limit)
-                info = inspect_media(io.BytesIO(data))
-            elif isinstance(row.get("text"), str):
-                info = inspect_text(row["text"])
-            else:
-                raise Invalid(f"row {i}: needs a 'path' (image/video) or a 'text' column", details={"row": i})
-        except MediaTooLarge as exc:
-            raise TooLarge(f"row {i}: {exc}", details={"row": i}) from exc
-        except MediaError as exc:
-            raise Invalid(f"row {i}: {row.get('path') or 'text'}: {exc}", details={"row": i}) from exc
-        if project.modality and info.modality != project.modality:
-            raise Invalid(
-                f"row {i}: this project takes {project.modality} samples, not {info.modality}",
-                details={"row": i},
-            )
-        if info.content_hash in seen:
-            result.duplicates += 1
-            continue
-        seen.add(info.content_hash)
-        planned.append((i, row, info, data))
-        if progress:
-            progress(result.rows)
-    existing = set(
-        Sample.objects.filter(
-            project=project, content_hash__in=[p[2].content_hash for p in planned]
-        ).values_list("content_hash", flat=True)
-    )
+    limit = max(settings.RL_MAX_IMAGE_BYTES, settings.RL_MAX_VIDEO_BYTES)
+    seen: set[str] = set()
     written: list[Sample] = []
-    try:
-        with transaction.atomic():
-            for _i, row, info, data in planned:
-                if info.content_hash in existing:
-                    result.duplicates += 1
-                    continue
+    batch: list[tuple[int, dict[str, Any], MediaInfo, bytes | None]] = []
+    held = 0
+
+    def flush() -> None:
+        nonlocal held
+        existing = set(
+            Sample.objects.filter(
+                project=project, content_hash__in=[info.content_hash for _, _, info, _ in batch]
+            ).values_list("content_hash", flat=True)
+        )
+        for i, row, info, data in batch:
+            if info.content_hash in existing:
+                result.duplicates += 1
+                continue
+            try:
                 sample = sample_build(
                     project=project,
                     prompt=prompt_get_or_create(project=project, text=row["prompt"]),
                     gv=generator_version_get_or_create(
-                        generator=str(row.get("generator") or ""),
-                        version=str(row.get("generator_version") or ""),
+                        generator=row["generator"], version=row["generator_version"]
                     ),
                     info=info,
                     metadata=row["metadata"],
-                    text=(row.get("text") or "") if data is None else "",
+                    text=row["text"] if data is None else "",
                 )
-                if data is not None:
-                    sample.media.save(f"import.{info.extension}", ContentFile(data), save=False)
-                    written.append(sample)
-                sample.save()
-                result.created += 1
-                result.sample_ids.append(sample.id)
+            except Invalid as exc:
+                raise Invalid(f"row {i}: {exc.message}", details={"row": i}) from exc
+            if data is not None:
+                sample.media.save(f"import.{info.extension}", ContentFile(data), save=False)
+                written.append(sample)
+            sample.save()
+            result.created += 1
+            result.sample_ids.append(sample.id)
+        batch.clear()
+        held = 0
+
+    try:
+        with transaction.atomic():
+            for n, (i, raw) in enumerate(_manifest_rows(name, text), start=1):
+                result.rows += 1
+                row = _manifest_row(i, raw)
+                data: bytes | None = None
+                try:
+                    if row["path"] is not None:
+                        data = src.read(row["path"], i, limit)
+                        info = inspect_media(io.BytesIO(data))
+                    else:
+                        info = inspect_text(row["text"])
+                except MediaTooLarge as exc:
+                    raise TooLarge(f"row {i}: {exc}", details={"row": i}) from exc
+                except MediaError as exc:
+                    raise Invalid(f"row {i}: {row['path'] or 'text'}: {exc}", details={"row": i}) from exc
+                if project.modality and info.modality != project.modality:
+                    raise Invalid(
+                        f"row {i}: this project takes {project.modality} samples, not {info.modality}",
+                        details={"row": i},
+                    )
+                if info.content_hash in seen:
+                    result.duplicates += 1
+                    continue
+                seen.add(info.content_hash)
+                batch.append((i, row, info, data))
+                held += len(data or b"")
+                if held >= _BATCH_BYTES or len(batch) >= _BATCH_ROWS:
+                    flush()
+                if progress:
+                    progress(n)
+            flush()
     except BaseException:
         for s in written:
             s.media.delete(save=False)
         raise
     return result
+
+
+# At most this much media (or this many rows) is held before it is written: memory stays bounded
+# whatever the upload inflates to, and each dedupe query stays far below PostgreSQL's 65,535
+# parameters.
+_BATCH_BYTES = 32 * 1024 * 1024
+_BATCH_ROWS = 1000
+
+
+def _manifest_row(i: int, row: dict[str, Any]) -> dict[str, Any]:
+    """One manifest row checked and normalised (no media read yet)."""
+
+    def cell(name: str, max_length: int | None = None) -> str:
+        value = row.get(name)
+        if value is None:
+            return ""
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise Invalid(f"row {i}: {name!r} must be a string", details={"row": i})
+        try:
+            return clean_text(str(value), field=name, max_length=max_length)
+        except Invalid as exc:
+            raise Invalid(f"row {i}: {exc.message}", details={"row": i}) from exc
+
+    prompt = cell("prompt")
+    if not prompt.strip():
+        raise Invalid(f"row {i}: missing column 'prompt'", details={"row": i})
+    meta = row.get("metadata") or {}
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise Invalid(f"row {i}: 'metadata' is not a JSON object", details={"row": i}) from exc
+    if not isinstance(meta, dict):
+        raise Invalid(f"row {i}: 'metadata' is not a JSON object", details={"row": i})
+    try:
+        check_json(meta, field="metadata")
+    except Invalid as exc:
+        raise Invalid(f"row {i}: {exc.message}", details={"row": i}) from exc
+    path = cell("path", 1000) or None
+    text = row.get("text")
+    if path is None and not isinstance(text, str):
+        raise Invalid(f"row {i}: needs a 'path' (image/video) or a 'text' column", details={"row": i})
+    return {
+        "prompt": prompt,
+        "path": path,
+        "text": cell("text") if path is None else "",
+        "generator": cell("generator", 200).strip(),
+        "generator_version": cell("generator_version", 200).strip(),
+        "metadata": meta,
+    }
 
 
 # --- Preferences ---------------------------------------------------------------------------------
@@ -280,14 +345,27 @@ class _Pair:
     models: tuple[str, str] = ("", "")
 
 
+def _lines(fh: IO[bytes]) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a UTF-8 file; a line that is not UTF-8 is refused with its number."""
+    for i, raw in enumerate(fh, start=1):
+        try:
+            yield i, raw.decode("utf-8-sig" if i == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise Invalid(
+                f"row {i}: not UTF-8 text ({exc.reason} at byte {exc.start})", details={"row": i}
+            ) from exc
+
+
 def _trl_pairs(fh: IO[bytes]) -> Iterator[_Pair]:
-    for i, raw in enumerate(io.TextIOWrapper(fh, encoding="utf-8"), start=1):
+    for i, raw in _lines(fh):
         if not raw.strip():
             continue
         try:
             row = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise Invalid(f"row {i}: not valid JSON ({exc.msg})", details={"row": i}) from exc
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise Invalid(
+                f"row {i}: not valid JSON ({getattr(exc, 'msg', exc)})", details={"row": i}
+            ) from exc
         if not isinstance(row, dict):
             raise Invalid(f"row {i}: expected a JSON object", details={"row": i})
         missing = [k for k in ("chosen", "rejected") if k not in row]
@@ -298,7 +376,12 @@ def _trl_pairs(fh: IO[bytes]) -> Iterator[_Pair]:
                 prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
             else:
                 prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
-            prompt_text, chosen_text, rejected_text = _as_text(prompt), _as_text(chosen), _as_text(rejected)
+            prompt_text, chosen_text, rejected_text = (
+                clean_text(_as_text(v), field=name)
+                for v, name in ((prompt, "prompt"), (chosen, "chosen"), (rejected, "rejected"))
+            )
+        except Invalid as exc:
+            raise Invalid(f"row {i}: {exc.message}", details={"row": i}) from exc
         except ValueError as exc:
             raise Invalid(f"row {i}: {exc}", details={"row": i}) from exc
         if not prompt_text.strip():
@@ -331,36 +414,56 @@ def _pickapic_pairs(fh: IO[bytes]) -> Iterator[_Pair]:
         raise Invalid(
             f"missing column(s) {', '.join(sorted(missing))}; Pick-a-Pic needs {', '.join(sorted(need))}"
         )
-    row = 0
-    for batch in pf.iter_batches(batch_size=256):
-        for rec in batch.to_pylist():
-            row += 1
-            l0, l1 = rec.get("label_0"), rec.get("label_1")
-            if l0 is None or l1 is None:
-                raise Invalid(f"row {row}: label_0/label_1 missing", details={"row": row})
-            outcome = "a" if l0 > l1 else "b" if l1 > l0 else "tie"
-            images = []
-            for col in ("jpg_0", "jpg_1"):
-                data = rec.get(col)
-                if not isinstance(data, bytes | bytearray):
-                    raise Invalid(f"row {row}: {col} must hold the image bytes", details={"row": row})
-                try:
-                    images.append((inspect_media(io.BytesIO(data)), bytes(data)))
-                except MediaTooLarge as exc:
-                    raise TooLarge(f"row {row}: {col}: {exc}", details={"row": row}) from exc
-                except MediaError as exc:
-                    raise Invalid(f"row {row}: {col}: {exc}", details={"row": row}) from exc
-            caption = rec.get("caption")
-            if not isinstance(caption, str) or not caption.strip():
-                raise Invalid(f"row {row}: empty caption", details={"row": row})
-            yield _Pair(
-                row,
-                caption,
-                images[0],
-                images[1],
-                outcome,
-                (str(rec.get("model_0") or ""), str(rec.get("model_1") or "")),
+    for row, rec in enumerate(_parquet_records(pf), start=1):
+        l0, l1 = rec.get("label_0"), rec.get("label_1")
+        if l0 is None or l1 is None:
+            raise Invalid(f"row {row}: label_0/label_1 missing", details={"row": row})
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (l0, l1)):
+            raise Invalid(f"row {row}: label_0/label_1 must be numbers", details={"row": row})
+        outcome = "a" if l0 > l1 else "b" if l1 > l0 else "tie"
+        images = []
+        for col in ("jpg_0", "jpg_1"):
+            data = rec.get(col)
+            if not isinstance(data, bytes | bytearray):
+                raise Invalid(f"row {row}: {col} must hold the image bytes", details={"row": row})
+            try:
+                images.append((inspect_media(io.BytesIO(data)), bytes(data)))
+            except MediaTooLarge as exc:
+                raise TooLarge(f"row {row}: {col}: {exc}", details={"row": row}) from exc
+            except MediaError as exc:
+                raise Invalid(f"row {row}: {col}: {exc}", details={"row": row}) from exc
+        caption = rec.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise Invalid(f"row {row}: empty caption", details={"row": row})
+        try:
+            clean_text(caption, field="caption")
+            models = tuple(
+                clean_text(str(rec.get(c) or ""), field=c, max_length=401) for c in ("model_0", "model_1")
             )
+        except Invalid as exc:
+            raise Invalid(f"row {row}: {exc.message}", details={"row": row}) from exc
+        yield _Pair(
+            row,
+            caption,
+            images[0],
+            images[1],
+            outcome,
+            (models[0], models[1]),
+        )
+
+
+def _parquet_records(pf: Any) -> Iterator[dict[str, Any]]:
+    import pyarrow as pa
+
+    batches = pf.iter_batches(batch_size=256)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            raise Invalid(f"unreadable Parquet data: {exc}") from exc
+        yield from batch.to_pylist()
 
 
 def preferences_import(
@@ -385,20 +488,21 @@ def preferences_import(
             raise Invalid(f"row {p.row}: both sides are the same content", details={"row": p.row})
         if p.outcome == "tie" and not project.allow_tie:
             raise Invalid(f"row {p.row}: a tie, and this project does not allow ties", details={"row": p.row})
-    user = _import_user(fmt)
     result = ImportResult(rows=len(pairs))
     written: list[Sample] = []
     try:
         with transaction.atomic():
+            # Inside the transaction: a failed import leaves no import user behind.
+            user = _import_user(fmt)
             ProjectMember.objects.get_or_create(project=project, user=user, defaults={"role": "annotator"})
-            by_hash = dict(
-                Sample.objects.filter(
-                    project=project,
-                    content_hash__in={
-                        h for p in pairs for h in (p.first[0].content_hash, p.second[0].content_hash)
-                    },
-                ).values_list("content_hash", "id")
-            )
+            hashes = list({h for p in pairs for h in (p.first[0].content_hash, p.second[0].content_hash)})
+            by_hash: dict[str, int] = {}
+            for k in range(0, len(hashes), _BATCH_ROWS):
+                by_hash.update(
+                    Sample.objects.filter(
+                        project=project, content_hash__in=hashes[k : k + _BATCH_ROWS]
+                    ).values_list("content_hash", "id")
+                )
             for n, p in enumerate(pairs, start=1):
                 prompt = prompt_get_or_create(project=project, text=p.prompt)
                 ids = []
@@ -406,10 +510,14 @@ def preferences_import(
                     sid = by_hash.get(info.content_hash)
                     if sid is None:
                         gen, _, ver = model.partition("@")
+                        try:
+                            gv = generator_version_get_or_create(generator=gen, version=ver)
+                        except Invalid as exc:
+                            raise Invalid(f"row {p.row}: {exc.message}", details={"row": p.row}) from exc
                         s = sample_build(
                             project=project,
                             prompt=prompt,
-                            gv=generator_version_get_or_create(generator=gen, version=ver),
+                            gv=gv,
                             info=info,
                             metadata={"import": fmt, "row": p.row},
                             text=payload if isinstance(payload, str) else "",

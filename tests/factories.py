@@ -39,3 +39,39 @@ def client_for(user: Any) -> APIClient:
     token, _ = Token.objects.get_or_create(user=user)
     client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
     return client
+
+
+# Every table a refused request must leave untouched (Django's own bookkeeping excluded).
+_WATCHED = (
+    "auth_user",
+    "authtoken_token",
+    "annotate_project",
+    "annotate_projectmember",
+    "annotate_prompt",
+    "annotate_generator",
+    "annotate_generatorversion",
+    "annotate_sample",
+    "annotate_comparison",
+    "annotate_comparisonsample",
+    "annotate_assignment",
+    "annotate_judgment",
+    "annotate_datasetsnapshot",
+    "rewards_rewardconfig",
+    "rewards_rewardtrainingjob",
+)
+
+
+def rows_digest() -> dict[str, str]:
+    """A digest of every row of the watched tables: equal before and after means nothing changed
+    (not only the counts)."""
+    from django.db import connection
+
+    out = {}
+    with connection.cursor() as cur:
+        for table in _WATCHED:
+            cur.execute(
+                f"SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {table} t"
+            )
+            n, digest = cur.fetchone()
+            out[table] = f"{n}:{digest}"
+    return out

@@ -17,6 +17,8 @@ def acting_user(username: str | None) -> Any:
     )
     if user is None:
         raise CommandError(
-            f"no user {username!r}" if username else "no acting user: create a superuser or pass --as-user"
+            f"no user {username!r}"
+            if username
+            else "no acting user: create one with `python manage.py createsuperuser`, or pass --as-user NAME"
         )
     return user
