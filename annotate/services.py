@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import IO, Any
@@ -21,7 +22,7 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from annotate.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError, TooLarge
+from annotate.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError, TooLarge, Unavailable
 from annotate.media import MediaError, MediaInfo, MediaTooLarge, inspect_media, inspect_text
 from annotate.models import (
     Assignment,
@@ -38,8 +39,10 @@ from annotate.models import (
     Sample,
 )
 from annotate.selectors import member_role_require
+from annotate.validation import check_json, clean_text
 
 UserLike = AbstractBaseUser
+log = logging.getLogger(__name__)
 
 CHOICES = ("left", "right", "tie", "both_bad")
 
@@ -65,6 +68,9 @@ def project_create(
     """Create a project; the creator becomes its manager."""
     if not (creator.is_staff or creator.has_perm("annotate.add_project")):
         raise Forbidden("only staff or users with the add_project permission can create projects")
+    slug = clean_text(slug, field="slug", max_length=80)
+    if not slug or not all(c.isascii() and (c.isalnum() or c in "-_") for c in slug):
+        raise Invalid("slug: letters, digits, - or _ only")
     if Project.objects.filter(slug=slug).exists():
         raise Conflict(f"a project with slug {slug!r} already exists", code="slug_taken")
     aspect_list = _validate_aspects(aspects)
@@ -76,26 +82,35 @@ def project_create(
         raise Invalid("overlap must be between 1 and 100")
     if not 0.0 <= gold_rate <= 1.0:
         raise Invalid("gold_rate must be between 0 and 1")
-    if lease_seconds < 10:
-        raise Invalid("lease_seconds must be at least 10")
-    with transaction.atomic():
-        project = Project.objects.create(
-            slug=slug,
-            name=name,
-            modality=modality,
-            instructions=instructions,
-            allow_tie=allow_tie,
-            allow_both_bad=allow_both_bad,
-            aspects=aspect_list,
-            mode=mode,
-            k=k,
-            overlap=overlap,
-            gold_rate=gold_rate,
-            lease_seconds=lease_seconds,
-            undo_seconds=undo_seconds,
-            created_by=creator,
-        )
-        ProjectMember.objects.create(project=project, user=creator, role=ProjectMember.Role.MANAGER)
+    if not 10 <= lease_seconds <= 7 * 24 * 3600:
+        raise Invalid("lease_seconds must be between 10 and 604800 (a week)")
+    if not 0 <= undo_seconds <= 3600:
+        raise Invalid("undo_seconds must be between 0 and 3600")
+    name = clean_text(name, field="name", max_length=200, strip=True)
+    if not name:
+        raise Invalid("name: must not be empty")
+    instructions = clean_text(instructions, field="instructions", max_length=100_000)
+    try:
+        with transaction.atomic():
+            project = Project.objects.create(
+                slug=slug,
+                name=name,
+                modality=modality,
+                instructions=instructions,
+                allow_tie=allow_tie,
+                allow_both_bad=allow_both_bad,
+                aspects=aspect_list,
+                mode=mode,
+                k=k,
+                overlap=overlap,
+                gold_rate=gold_rate,
+                lease_seconds=lease_seconds,
+                undo_seconds=undo_seconds,
+                created_by=creator,
+            )
+            ProjectMember.objects.create(project=project, user=creator, role=ProjectMember.Role.MANAGER)
+    except IntegrityError as exc:  # the same slug created concurrently
+        raise Conflict(f"a project with slug {slug!r} already exists", code="slug_taken") from exc
     return project
 
 
@@ -103,13 +118,22 @@ def _validate_aspects(aspects: Sequence[dict[str, str]]) -> list[dict[str, str]]
     out: list[dict[str, str]] = []
     seen: set[str] = set()
     for a in aspects:
-        key = str(a.get("key", "")).strip()
-        if not key or not key.replace("_", "").replace("-", "").isalnum():
+        if not isinstance(a, dict):
+            raise Invalid("each aspect must be an object {key, label}")
+        key = clean_text(str(a.get("key", "")), field="aspect key", max_length=40, strip=True)
+        if (
+            not key
+            or not key.replace("_", "").replace("-", "").isascii()
+            or not key.replace("_", "").replace("-", "").isalnum()
+        ):
             raise Invalid(f"aspect key {key!r} must be a non-empty identifier (letters, digits, _ or -)")
         if key in seen:
             raise Invalid(f"aspect key {key!r} appears twice")
         seen.add(key)
-        out.append({"key": key, "label": str(a.get("label") or key)})
+        label = clean_text(str(a.get("label") or key), field="aspect label", max_length=200, strip=True)
+        out.append({"key": key, "label": label or key})
+    if len(out) > 20:
+        raise Invalid("at most 20 aspects")
     return out
 
 
@@ -134,8 +158,10 @@ def _text_hash(text: str) -> str:
 def prompt_get_or_create(*, project: Project, text: str, metadata: dict[str, Any] | None = None) -> Prompt:
     # Kept verbatim (whitespace included): TRL's implicit prompts end in a space, and a round trip
     # must give back the same strings.
+    text = clean_text(text, field="prompt")
     if not text.strip():
         raise Invalid("prompt text is empty")
+    check_json(metadata or {}, field="prompt metadata")
     prompt, _ = Prompt.objects.get_or_create(
         project=project, text_hash=_text_hash(text), defaults={"text": text, "metadata": metadata or {}}
     )
@@ -143,7 +169,8 @@ def prompt_get_or_create(*, project: Project, text: str, metadata: dict[str, Any
 
 
 def generator_version_get_or_create(*, generator: str, version: str = "") -> GeneratorVersion | None:
-    generator = generator.strip()
+    generator = clean_text(generator, field="generator", max_length=200, strip=True)
+    version = clean_text(version, field="generator_version", max_length=200, strip=True)
     if not generator:
         return None
     gen, _ = Generator.objects.get_or_create(name=generator)
@@ -214,7 +241,7 @@ def sample_build(
 ) -> Sample:
     """An unsaved Sample from validated media/text info; ``metadata`` wins over what the media
     inspection found (e.g. the codec)."""
-    meta = dict(metadata or {})
+    meta = dict(check_json(metadata or {}, field="metadata"))
     meta.update({k: v for k, v in info.extra.items() if k not in meta})
     return Sample(
         project=project,
@@ -251,6 +278,7 @@ def sample_create_texts(
             prompt_text = item.get("prompt")
             if not isinstance(prompt_text, str) or not prompt_text.strip():
                 raise Invalid(f"sample {i}: 'prompt' must be a non-empty string", details={"index": i})
+            text = clean_text(text, field=f"sample {i}: text")
             try:
                 info = inspect_text(text)
             except MediaTooLarge as exc:
@@ -367,6 +395,33 @@ def comparisons_create_random_pairs(
     existing = {frozenset(v) for v in current.values()}
     specs: list[dict[str, Any]] = []
     for samples in by_prompt.values():
+        for a, b in _random_pairs(samples, pairs_per_prompt, existing, rng):
+            pair = [a, b]
+            rng.shuffle(pair)
+            specs.append({"samples": pair, "priority": priority})
+    if not specs:
+        raise Invalid("no new pairs: each prompt needs at least two samples not yet compared")
+    return comparisons_create(project=project, actor=None, specs=specs, origin=Comparison.Origin.RANDOM)
+
+
+def _same_version(a: tuple[int, int | None], b: tuple[int, int | None]) -> bool:
+    return a[1] == b[1] and a[1] is not None
+
+
+def _random_pairs(
+    samples: Sequence[tuple[int, int | None]], n: int, existing: set[frozenset[int]], rng: random.Random
+) -> list[tuple[int, int]]:
+    """Up to ``n`` distinct random pairs of ``samples`` (id, generator version) not in ``existing``,
+    pairs across generator versions first (they are the informative ones).
+
+    A prompt with m samples has m(m-1)/2 pairs; listing them all is quadratic (3,000 samples: 4.5 M
+    pairs). Small prompts are enumerated; large ones are sampled by rejection, which needs about n
+    draws while most pairs are still free, and stops after a bounded number of draws otherwise."""
+    m = len(samples)
+    if m < 2:
+        return []
+    total = m * (m - 1) // 2
+    if total <= 4 * n + 256:
         candidates = [
             (a, b)
             for i, a in enumerate(samples)
@@ -374,15 +429,26 @@ def comparisons_create_random_pairs(
             if frozenset((a[0], b[0])) not in existing
         ]
         rng.shuffle(candidates)
-        # Prefer pairs across generator versions: those are the informative ones.
-        candidates.sort(key=lambda ab: ab[0][1] == ab[1][1] and ab[0][1] is not None)
-        for a, b in candidates[:pairs_per_prompt]:
-            pair = [a[0], b[0]]
-            rng.shuffle(pair)
-            specs.append({"samples": pair, "priority": priority})
-    if not specs:
-        raise Invalid("no new pairs: each prompt needs at least two samples not yet compared")
-    return comparisons_create(project=project, actor=None, specs=specs, origin=Comparison.Origin.RANDOM)
+        candidates.sort(key=lambda ab: _same_version(*ab))
+        return [(a[0], b[0]) for a, b in candidates[:n]]
+    chosen: list[tuple[int, int]] = []
+    taken: set[frozenset[int]] = set()
+    several_versions = len({gv for _, gv in samples}) > 1 or any(gv is None for _, gv in samples)
+    # Two phases: cross-version pairs only, then any pair; each with a bounded number of draws.
+    for cross_only in (True, False) if several_versions else (False,):
+        draws = 0
+        while len(chosen) < n and draws < 30 * n + 100:
+            draws += 1
+            i, j = rng.sample(range(m), 2)
+            a, b = samples[i], samples[j]
+            if cross_only and _same_version(a, b):
+                continue
+            key = frozenset((a[0], b[0]))
+            if key in existing or key in taken:
+                continue
+            taken.add(key)
+            chosen.append((a[0], b[0]))
+    return chosen
 
 
 # --- Labeling: the hot path runs in PostgreSQL -----------------------------------------------------
@@ -612,6 +678,10 @@ def labeling_submit(
         ],
     )
     created, judgment_id, body = rows[0]
+    if judgment_id is None:
+        # The lease was past expires_at: rl_submit expired it (that is kept) and stored nothing.
+        error = _json(body)["error"]
+        raise Conflict(error["message"], code=error["code"])
     return Submitted(bool(created), int(judgment_id), str(body))
 
 
@@ -698,6 +768,7 @@ def snapshot_create(
     member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
     if spec.aspect is not None and spec.aspect not in {a["key"] for a in project.aspects}:
         raise Invalid(f"unknown aspect {spec.aspect!r}")
+    name = clean_text(name, field="name", max_length=200, strip=True)
     expected = exports.count_judgments(project=project, spec=spec)
     snap = DatasetSnapshot.objects.create(
         project=project, name=name, spec=spec.as_dict(), rows_expected=expected, created_by=actor
@@ -708,8 +779,32 @@ def snapshot_create(
     elif dispatch:
         from annotate.tasks import build_snapshot
 
-        transaction.on_commit(lambda: build_snapshot.delay(snap.id))
+        task_dispatch(
+            build_snapshot, snap.id, undo=lambda: DatasetSnapshot.objects.filter(id=snap.id).delete()
+        )
     return snap
+
+
+def task_dispatch(task: Any, *args: Any, undo: Callable[[], Any] | None) -> None:
+    """Queue ``task(*args)`` once the current transaction commits. When the broker cannot be
+    reached, ``undo()`` removes what the request recorded (so no row waits for ever for a task
+    that was never queued) and the request fails with a 503 the client can retry."""
+    import kombu.exceptions
+    import redis.exceptions
+
+    def send() -> None:
+        try:
+            task.delay(*args)
+        except (kombu.exceptions.OperationalError, redis.exceptions.RedisError, OSError) as exc:
+            if undo is None:  # what was recorded stands; a periodic task will queue the work
+                log.warning("broker unreachable, %s(%s) not queued: %r", task.name, args, exc)
+                return
+            undo()
+            raise Unavailable(
+                "the task broker is unreachable; nothing was queued, retry in a few seconds"
+            ) from exc
+
+    transaction.on_commit(send)
 
 
 def snapshot_progress_key(snapshot_id: int) -> str:
