@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from annotate import services
+from annotate import ratelimit, services
 from annotate.models import (
     Assignment,
     Comparison,
@@ -156,3 +156,6 @@ class DatasetSnapshotAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+ratelimit.protect_admin_login(admin.site)

@@ -44,6 +44,9 @@ _IMAGE_FORMATS = {
     "WEBP": ("image/webp", "webp"),
     "GIF": ("image/gif", "gif"),
 }
+# Frame rate assumed at most when bounding how many packets a video of the longest allowed
+# duration can have.
+_MAX_FPS = 240
 # Container names PyAV reports, mapped to what browsers play.
 _VIDEO_FORMATS = {
     "mp4": ("video/mp4", "mp4"),
@@ -155,12 +158,40 @@ def inspect_video(
                 raise MediaTooLarge(f"video frames are {width}x{height}; the pixel limit is {max_pixels}")
             if duration is not None and duration > max_seconds:
                 raise MediaTooLarge(f"video is {duration:.1f} s long; the limit is {max_seconds} s")
-            # Decode the whole stream: truncated or corrupt files fail here, not in the browser.
-            frames = 0
-            for _frame in container.decode(stream):
-                frames += 1
+            # Demux and decode the whole stream: truncated or corrupt files fail here, not in the
+            # browser. The header's duration is only a claim (a WebM written without seeking has
+            # none): the packets' timestamps say how long it plays, and the loop stops as soon as
+            # they pass the limit, so a long file costs at most max_seconds of decoding. Packets
+            # are capped too, in case the timestamps are missing or stand still.
+            frames = packets = 0
+            first_ts: int | None = None
+            last_ts: int | None = None
+            time_base = stream.time_base
+            max_packets = max_seconds * _MAX_FPS
+            for packet in container.demux(stream):
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if ts is not None and time_base is not None:
+                    end = ts + (packet.duration or 0)
+                    first_ts = ts if first_ts is None else min(first_ts, ts)
+                    last_ts = end if last_ts is None else max(last_ts, end)
+                    played = float((last_ts - first_ts) * time_base)
+                    if played > max_seconds:
+                        raise MediaTooLarge(
+                            f"video plays for more than {played:.1f} s; the limit is {max_seconds} s"
+                        )
+                if packet.size:
+                    packets += 1
+                    if packets > max_packets:
+                        raise MediaTooLarge(
+                            f"video has more than {max_packets} frames; the limit is {max_seconds} s"
+                            f" at up to {_MAX_FPS} fps"
+                        )
+                for _frame in packet.decode():
+                    frames += 1
             if frames == 0:
                 raise MediaError("the video has no decodable frames")
+            if duration is None and first_ts is not None and last_ts is not None and time_base is not None:
+                duration = float((last_ts - first_ts) * time_base)
             codec = stream.codec_context.name
     except MediaError:
         raise

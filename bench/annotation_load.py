@@ -60,6 +60,9 @@ def setup_django() -> None:
     import django
 
     django.setup()
+    from config.migrate import ensure_migrated
+
+    ensure_migrated()
 
 
 def default_tokens_path() -> Path:
@@ -186,6 +189,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
         raise SystemExit(f"--annotators must be between 1 and {MAX_ANNOTATORS}")
     setup_django()
     from django.contrib.auth.hashers import make_password
+    from django.contrib.auth.models import Group
     from django.db import DatabaseError, connection, transaction
     from django.utils import timezone
     from rest_framework.authtoken.models import Token
@@ -233,6 +237,10 @@ def cmd_seed(args: argparse.Namespace) -> int:
             [ProjectMember(project=project, user=admin, role=ProjectMember.Role.MANAGER)]
             + [ProjectMember(project=project, user=u, role=ProjectMember.Role.ANNOTATOR) for u in annotators]
         )
+        # The load's annotators submit source=simulated with their tokens: only members of this
+        # group may (docs/API.md).
+        simulated, _ = Group.objects.get_or_create(name=Judgment.SIMULATED_GROUP)
+        simulated.user_set.add(*annotators)
         versions = []
         for name in ("bench-a", "bench-b"):
             gen, _ = Generator.objects.get_or_create(name=name, defaults={"description": "load benchmark"})

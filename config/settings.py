@@ -20,9 +20,15 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("RL_VAR_DIR", str(BASE_DIR / "var"))).resolve()
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
+# RL_PRODUCTION=1: served over HTTPS behind a reverse proxy. It requires DJANGO_SECRET_KEY and
+# DJANGO_ALLOWED_HOSTS, refuses DJANGO_DEBUG, and turns on secure cookies, HSTS and the HTTPS
+# redirect (see "Security" below); `manage.py check --deploy` passes with it.
+PRODUCTION = env_bool("RL_PRODUCTION", False)
+if PRODUCTION and DEBUG:
+    raise ImproperlyConfigured("RL_PRODUCTION=1 cannot run with DJANGO_DEBUG on")
 SECRET_KEY = env_str("DJANGO_SECRET_KEY")
 if not SECRET_KEY:
-    if env_bool("RL_REQUIRE_SECRET", False):
+    if PRODUCTION or env_bool("RL_REQUIRE_SECRET", False):
         raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set in production")
     # Embedded/dev mode: a per-checkout key kept under var/, never committed.
     VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -35,6 +41,8 @@ if not SECRET_KEY:
     SECRET_KEY = key_file.read_text().strip()
 
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+if PRODUCTION and not env_list("DJANGO_ALLOWED_HOSTS", []):
+    raise ImproperlyConfigured("DJANGO_ALLOWED_HOSTS must be set in production (the public host names)")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
@@ -56,6 +64,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "annotate.middleware.QueryStringGuardMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -175,6 +184,11 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_TIMEZONE = "UTC"
 # Fewer judged pairs than this and a reward-model job is refused at launch.
 RL_REWARD_MIN_PAIRS = env_int("RL_REWARD_MIN_PAIRS", 10, minimum=2)
+# ... and fewer held-out pairs than this after the split (the same check at launch and in the worker).
+RL_REWARD_MIN_HOLDOUT_PAIRS = env_int("RL_REWARD_MIN_HOLDOUT_PAIRS", 1, minimum=1)
+# Encoder of projects with images or videos when their reward config names none: "builtin" (a small
+# CLIP built under var/encoders on first use, no download), a local model directory, or "" for none.
+RL_DEFAULT_MEDIA_ENCODER = env_str("RL_DEFAULT_MEDIA_ENCODER", "builtin")
 # A running reward job with no progress write for this long lost its worker and is marked failed.
 RL_REWARD_JOB_STALE_SECONDS = env_int("RL_REWARD_JOB_STALE_SECONDS", 600, minimum=30)
 
@@ -191,6 +205,15 @@ PASSWORD_HASHERS = (
         "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
     ]
 )
+# Failed password checks (login page, POST /api/auth/token/) allowed per window before a 429, per
+# username and per client IP; annotate/ratelimit.py. The counters live in the cache (Redis).
+RL_LOGIN_USER_ATTEMPTS = env_int("RL_LOGIN_USER_ATTEMPTS", 10, minimum=1)
+RL_LOGIN_IP_ATTEMPTS = env_int("RL_LOGIN_IP_ATTEMPTS", 30, minimum=1)
+RL_LOGIN_WINDOW_SECONDS = env_int("RL_LOGIN_WINDOW_SECONDS", 300, minimum=1)
+# Reverse proxies in front of the app (0: clients connect directly). With N > 0 the client IP is
+# the entry the outermost proxy appended to X-Forwarded-For, and X-Forwarded-Proto: https marks a
+# request as secure: the proxies must overwrite both headers, never pass on the client's.
+RL_PROXY_COUNT = env_int("RL_PROXY_COUNT", 1 if PRODUCTION else 0, minimum=0)
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
@@ -232,6 +255,12 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.JSONRenderer",
         *(["rest_framework.renderers.BrowsableAPIRenderer"] if DEBUG else []),
     ],
+    # DRF's parsers plus the storability check (no NUL, lone surrogate, >64-bit integer, NaN).
+    "DEFAULT_PARSER_CLASSES": [
+        "annotate.api.parsers.JSONParser",
+        "annotate.api.parsers.FormParser",
+        "annotate.api.parsers.MultiPartParser",
+    ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "annotate.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": None,
@@ -251,10 +280,20 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
+# --- Security ----------------------------------------------------------------------------------
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# Cookies only over HTTPS, HSTS and the HTTPS redirect: on in production (each can be turned off
+# from the environment, e.g. while the TLS setup is being tried out).
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("RL_SECURE_COOKIES", PRODUCTION)
+SECURE_SSL_REDIRECT = env_bool("RL_SSL_REDIRECT", PRODUCTION)
+SECURE_HSTS_SECONDS = env_int("RL_HSTS_SECONDS", 365 * 24 * 3600 if PRODUCTION else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("RL_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = env_bool("RL_HSTS_PRELOAD", True)
+# The TLS-terminating proxy says the original scheme; trusted only when a proxy is declared.
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if RL_PROXY_COUNT > 0 else None
 
 LOGGING = {
     "version": 1,

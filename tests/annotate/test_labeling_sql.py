@@ -113,7 +113,8 @@ def test_aspects_map_through_the_displayed_order(annotator: Any, make_project: A
         ({"choice": "left", "aspects": {"fidelity": "middle"}},
          "aspect 'fidelity' must be one of left, right, tie, both_bad"),
         ({"choice": "left", "aspects": {"fidelity": "tie"}}, "this project does not allow ties"),
-        ({"choice": "right", "artifacts": [{"sample": lease["samples"][0]["id"]}, {"sample": 1}]},
+        # A sample id that is in no comparison of this project (ids start at 1 in a fresh database).
+        ({"choice": "right", "artifacts": [{"sample": lease["samples"][0]["id"]}, {"sample": 10**9}]},
          "artifact 1: 'sample' must be one of the comparison's samples"),
     ]  # fmt: skip
     for extra, message in refusals:
@@ -143,7 +144,7 @@ def test_aspects_map_through_the_displayed_order(annotator: Any, make_project: A
     assert j.outcome == ("a" if shown[1] == canonical[0] else "b")
     assert j.aspects == {"fidelity": "a" if shown[0] == canonical[0] else "b", "alignment": "both_bad"}
     assert j.artifacts == [{"sample": shown[0], "tags": ["blur"], "regions": [[1, 2, 3.5, 4]]}]
-    assert (j.rationale, j.time_spent_ms, j.source) == ("right reads better", 1234, "ui")
+    assert (j.rationale, j.time_spent_ms, j.source) == ("right reads better", 1234, "api")
     out = r.json()
     # PostgreSQL writes ISO 8601 without trailing zeros in the fraction: compare as instants.
     assert datetime.fromisoformat(out["judgment"].pop("created_at")) == j.created_at
