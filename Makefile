@@ -7,12 +7,12 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install frontend chromium lint typecheck pytest bench-load clean
+.PHONY: demo test install frontend chromium lint typecheck schema pytest bench-load clean
 
 demo: install frontend
 	$(BIN)/python manage.py up --seed-demo
 
-test: install frontend chromium lint typecheck pytest
+test: install frontend chromium lint typecheck schema pytest
 
 install: $(VENV)/.deps
 
@@ -47,6 +47,10 @@ lint: install
 
 typecheck: install
 	RL_SKIP_EMBEDDED_START=1 $(BIN)/mypy .
+
+# Clients are generated from /api/schema/: it must build with zero warnings (no database needed).
+schema: install
+	RL_SKIP_EMBEDDED_START=1 $(BIN)/python manage.py spectacular --validate --fail-on-warn --file /dev/null
 
 pytest: install frontend chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
