@@ -278,6 +278,10 @@ class Assignment(models.Model):
             models.Index(
                 fields=["expires_at"], name="assignment_active_expiry", condition=Q(status="active")
             ),
+            # Skips are rare: a small index that finds the comparisons someone skipped ("stuck").
+            models.Index(
+                fields=["project", "comparison"], name="assignment_skipped", condition=Q(status="skipped")
+            ),
         ]
 
     def __str__(self) -> str:
@@ -297,6 +301,9 @@ class Judgment(models.Model):
         API = "api", "API"
         IMPORT = "import", "Import"
         SIMULATED = "simulated", "Simulated annotator"
+
+    # Members of this Django group may submit source=simulated with their token (docs/API.md).
+    SIMULATED_GROUP = "simulated"
 
     # Composite indexes lead with these three (judgment_project_time, judgment_once_per_annotator,
     # judgment_annotator_time); single-column ones would only add writes to every label.

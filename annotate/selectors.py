@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.db import connection
-from django.db.models import Count, F, Q, QuerySet
+from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from annotate.errors import Forbidden, NotFound
@@ -125,6 +125,7 @@ def annotator_progress(*, project: Project, annotator: Any) -> dict[str, Any]:
     totals = Comparison.objects.filter(project=project).aggregate(
         comparisons=Count("id"),
         complete=Count("id", filter=Q(status=Comparison.Status.COMPLETE)),
+        stuck=Count("id", filter=_stuck_q(Project.objects.filter(id=project.id).values("id"))),
     )
     judgments = Judgment.objects.filter(project=project).count()
     available = (
@@ -145,8 +146,43 @@ def annotator_progress(*, project: Project, annotator: Any) -> dict[str, Any]:
             "comparisons": totals["comparisons"],
             "complete": totals["complete"],
             "judgments": judgments,
+            "stuck": totals["stuck"],
         },
     }
+
+
+def _stuck_q(projects: Any) -> Q:
+    """Open comparisons that still want a judgment and that nobody active can be served any more:
+    someone skipped them and every unpaused annotator already had them (nobody is served a
+    comparison twice). Managers are not counted as labelers; they are the ones who must act.
+
+    A condition on the comparison row, so it rides along in a count over the project. The skipped
+    leases of ``projects`` (a queryset of project ids) are one uncorrelated subquery, read once
+    through the small partial index ``assignment_skipped`` (migration 0008) and probed as a hash:
+    the cost stays flat in the number of comparisons, and the per-row annotator check runs only
+    for the few comparisons someone skipped."""
+    skipped = Assignment.objects.filter(project__in=projects, status=Assignment.Status.SKIPPED).values(
+        "comparison_id"
+    )
+    unserved = ProjectMember.objects.filter(
+        project=OuterRef("project"), role=ProjectMember.Role.ANNOTATOR, paused=False
+    ).exclude(
+        Exists(Assignment.objects.filter(comparison=OuterRef(OuterRef("pk")), annotator=OuterRef("user")))
+    )
+    return Q(status=Comparison.Status.OPEN, slots_taken__lt=F("overlap"), id__in=skipped) & ~Exists(unserved)
+
+
+def comparisons_stuck_counts(*, slugs: Sequence[str]) -> dict[str, int]:
+    """Stuck comparisons (see ``_stuck_q``) per project slug, projects with none left out; one query."""
+    rows = (
+        Comparison.objects.filter(
+            Q(project__slug__in=list(slugs))
+            & _stuck_q(Project.objects.filter(slug__in=list(slugs)).values("id"))
+        )
+        .values("project__slug")
+        .annotate(n=Count("id"))
+    )
+    return {row["project__slug"]: row["n"] for row in rows}
 
 
 def judgments_for_comparison(*, comparison: Comparison) -> QuerySet[Judgment]:

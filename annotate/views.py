@@ -14,6 +14,7 @@ from django.http import (
     HttpRequest,
     HttpResponse,
     HttpResponseBase,
+    JsonResponse,
     StreamingHttpResponse,
 )
 from django.shortcuts import render
@@ -21,7 +22,7 @@ from django.views.decorators.http import require_GET
 
 from annotate import selectors
 from annotate.errors import ServiceError
-from annotate.models import Sample
+from annotate.models import ProjectMember, Sample
 
 # No inline script may run on our pages: untrusted model output is shown there.
 CSP = (
@@ -44,7 +45,13 @@ def with_csp(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
 @login_required
 @with_csp
 def home(request: HttpRequest) -> HttpResponse:
-    return render(request, "home.html", {"projects": selectors.projects_of_user(user=request.user)})
+    projects = selectors.projects_of_user(user=request.user)
+    # Managers see which of their projects hold comparisons nobody can be served any more.
+    managed = [p["slug"] for p in projects if p["role"] == ProjectMember.Role.MANAGER]
+    stuck = selectors.comparisons_stuck_counts(slugs=managed) if managed else {}
+    for p in projects:
+        p["stuck"] = stuck.get(p["slug"], 0)
+    return render(request, "home.html", {"projects": projects})
 
 
 @login_required
@@ -82,25 +89,41 @@ def _file_chunks(path: str, start: int, length: int, chunk: int = 256 * 1024) ->
             yield data
 
 
+def _media_refusal(status: int, code: str, message: str) -> JsonResponse:
+    """The API's error shape, so token clients parse media refusals like any other."""
+    response = JsonResponse({"error": {"code": code, "message": message, "details": {}}}, status=status)
+    if status == 401:
+        response["WWW-Authenticate"] = "Token"
+    return response
+
+
 @require_GET
 def sample_media(request: HttpRequest, sample_id: int) -> HttpResponseBase:
     """A sample's file for project members. Supports single byte ranges, which browsers need to
-    seek in videos. Files are content-addressed, so clients may cache them for long."""
+    seek in videos. Files are content-addressed, so clients may cache them for long.
+
+    Refusals: 401 without valid credentials (a missing, malformed or unknown token alike), 404 for
+    a missing sample and for anyone outside its project (its existence is not revealed)."""
     if not request.user.is_authenticated:
         # Token clients (the API) authenticate here too.
+        from rest_framework.exceptions import AuthenticationFailed
+
         from annotate.api.auth import CachedTokenAuthentication
 
-        auth = CachedTokenAuthentication().authenticate(request)  # type: ignore[arg-type]
+        try:
+            auth = CachedTokenAuthentication().authenticate(request)  # type: ignore[arg-type]
+        except AuthenticationFailed as exc:
+            return _media_refusal(401, "authentication_failed", str(exc.detail))
         if auth is None:
-            return HttpResponse("authentication required", status=401, content_type="text/plain")
+            return _media_refusal(401, "not_authenticated", "authentication credentials were not provided")
         request.user = auth[0]
     sample = Sample.objects.select_related("project").filter(id=sample_id).first()
     if sample is None or not sample.media:
-        raise Http404("no such media")
+        return _media_refusal(404, "not_found", "no such media")
     try:
         selectors.member_role_require(project=sample.project, user=request.user)
-    except ServiceError as exc:
-        raise Http404("no such media") from exc
+    except ServiceError:
+        return _media_refusal(404, "not_found", "no such media")
     path = sample.media.path
     size = os.path.getsize(path)
     headers = {

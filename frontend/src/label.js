@@ -17,6 +17,7 @@ const KEYMAP = {
   ArrowDown: 'both_bad', 4: 'both_bad',
   ' ': 'play', ',': 'frame-back', '.': 'frame-forward',
   s: 'skip', S: 'skip', u: 'undo', U: 'undo', // capitals: Caps Lock on
+  r: 'check-again', R: 'check-again',
 };
 const PREVENT_DEFAULT = new Set(['ArrowLeft', 'ArrowRight', 'ArrowUp', 'ArrowDown', ' ']);
 const REPEATABLE = new Set(['frame-back', 'frame-forward']);
@@ -53,6 +54,16 @@ class App {
     this.pending = new Set(); // in-flight judgment promises
     this.sessionCount = 0;
     this.submitted = 0; // successful submits, to pace progress refreshes
+    // "N in total" = the server's count taken when nothing was in flight, plus this page's
+    // changes since: +1 at once on a key press, -1 for a refused submit or an undo (also of a
+    // judgment from an earlier session, which sessionCount cannot go below 0 for).
+    this.totalBase = null;
+    this.delta = 0;
+    this.deltaAtBase = 0;
+    this.countGen = 0; // bumped at every change of delta
+    this.progress = null; // the last progress answer
+    this.progressLoading = false;
+    this.progressWanted = false;
     this.refilling = null;
     this.pollTimer = null;
     this.undoing = false;
@@ -67,6 +78,12 @@ class App {
     this.toastEl = $('rl-toast');
     this.countEl = $('rl-count');
     this.totalEl = $('rl-total');
+    this.doneEls = {
+      session: $('rl-done-session'),
+      total: $('rl-done-total'),
+      totalWrap: $('rl-done-total-wrap'),
+      stuck: $('rl-done-stuck'),
+    };
     this.instructions = $('rl-instructions');
     this.zoom = $('rl-zoom');
     this.zoomImg = $('rl-zoom-img');
@@ -80,6 +97,7 @@ class App {
       get current() { return app.current ? app.current.id : null; },
       get done() { return [...app.done]; },
       get doneCount() { return app.sessionCount; },
+      get total() { return app.total(); },
       get pending() { return app.pending.size; },
     };
   }
@@ -173,19 +191,77 @@ class App {
     this.toastTimer = setTimeout(() => this.toastEl.classList.remove('is-visible'), ms);
   }
 
-  renderCount() {
-    const n = this.sessionCount;
-    this.countEl.textContent = `${n} judged this session`;
+  total() {
+    return this.totalBase === null ? null : this.totalBase + (this.delta - this.deltaAtBase);
   }
 
+  // Every judgment made or taken back on this page goes through here.
+  countChanged(step) {
+    this.sessionCount = Math.max(0, this.sessionCount + step);
+    this.delta += step;
+    this.countGen += 1;
+    this.renderCount();
+  }
+
+  renderCount() {
+    const n = this.sessionCount;
+    const total = this.total();
+    this.countEl.textContent = `${n} judged this session`;
+    this.totalEl.textContent = total === null ? '' : ` · ${total} in total`;
+    this.renderDone();
+  }
+
+  renderDone() {
+    const total = this.total();
+    this.doneEls.session.textContent = String(this.sessionCount);
+    this.doneEls.totalWrap.hidden = total === null;
+    this.doneEls.total.textContent = total === null ? '' : String(total);
+    const project = this.progress && this.progress.project;
+    const stuck = project && Number.isFinite(project.stuck) ? project.stuck : 0;
+    // Only managers can act on it (reopen, add annotators, change overlap).
+    const manager = this.config.role === 'manager';
+    this.doneEls.stuck.hidden = !(manager && stuck > 0);
+    this.doneEls.stuck.textContent = manager && stuck > 0
+      ? `${stuck} ${stuck === 1 ? 'comparison was' : 'comparisons were'} skipped by every active annotator`
+        + ' and will not be served again until more annotators join.'
+      : '';
+  }
+
+  // The server's count is taken only while no judgment or undo is in flight, and kept only if
+  // none started meanwhile: then it holds exactly the judgments this page has counted.
   async loadProgress() {
+    if (this.progressLoading || this.pending.size || this.undoing) {
+      this.progressWanted = true;
+      return;
+    }
+    this.progressWanted = false;
+    this.progressLoading = true;
+    const gen = this.countGen;
+    const delta = this.delta;
+    let data = null;
     try {
-      const data = await request('GET', `${this.api}progress/`);
-      const judged = data && data.me ? data.me.judged : undefined;
-      if (Number.isFinite(judged)) this.totalEl.textContent = ` · ${judged} in total`;
+      data = await request('GET', `${this.api}progress/`);
     } catch (_) {
       // Progress is decoration; the queue keeps working without it.
     }
+    this.progressLoading = false;
+    if (data) this.progress = data;
+    const judged = data && data.me ? data.me.judged : undefined;
+    if (Number.isFinite(judged)) {
+      if (gen === this.countGen) {
+        this.totalBase = judged;
+        this.deltaAtBase = delta;
+      } else {
+        this.progressWanted = true;
+      }
+    }
+    this.renderCount();
+    this.progressSettled();
+  }
+
+  // Runs a refresh that had to wait for in-flight work.
+  progressSettled() {
+    if (this.progressWanted && !this.progressLoading && !this.pending.size && !this.undoing) this.loadProgress();
   }
 
   // ---- queue -----------------------------------------------------------------------------
@@ -255,7 +331,11 @@ class App {
         this.setState('loading', 'Loading…');
         return;
       }
-      this.setState('empty', 'No more comparisons right now');
+      if (this.body.dataset.state !== 'empty') {
+        this.setState('empty', 'No more comparisons right now');
+        this.renderDone();
+        this.loadProgress(); // the end screen shows the server's numbers (and stuck work)
+      }
       if (!this.pollTimer) this.pollTimer = setTimeout(() => { this.pollTimer = null; this.refill(); }, POLL_MS);
       return;
     }
@@ -345,8 +425,7 @@ class App {
       idempotency_key: uuid(),
     };
     this.done.add(item.id);
-    this.sessionCount += 1;
-    this.renderCount();
+    this.countChanged(1);
     this.unshow({ release: true });
     this.submit(body);
     this.pump();
@@ -358,15 +437,17 @@ class App {
       onRetry: () => this.toast('Saving failed, retrying…', 'warn'),
     }).then((data) => {
       this.submitted += 1;
-      if (this.submitted % PROGRESS_EVERY === 0) this.loadProgress();
       this.pending.delete(promise);
+      // Now and then, pick up judgments made elsewhere (another tab, the API).
+      if (this.submitted % PROGRESS_EVERY === 0) this.progressWanted = true;
+      this.progressSettled();
       this.addItems(data && data.next && data.next.items);
     }, (err) => {
       this.pending.delete(promise);
       if (err.code !== 'already_judged') {
-        this.sessionCount = Math.max(0, this.sessionCount - 1);
-        this.renderCount();
+        this.countChanged(-1);
       }
+      this.progressSettled();
       this.toast(err.message);
       // No next payload came back: ask for work directly.
       if (this.queue.length < LOOKAHEAD - 1) this.refill();
@@ -385,6 +466,7 @@ class App {
       .catch((err) => this.toast(err.message))
       .then(() => {
         this.pending.delete(promise);
+        this.progressSettled();
         // Only now: asked earlier, the server would still hand back the skipped lease.
         this.refill();
       });
@@ -395,6 +477,7 @@ class App {
   async undo() {
     if (this.undoing) return;
     this.undoing = true;
+    this.countGen += 1; // a progress answer on its way may or may not include this undo
     try {
       // Let judgments still in flight land first, so the server undoes the one the user means.
       await Promise.allSettled([...this.pending]);
@@ -411,15 +494,22 @@ class App {
       const previous = this.unshow({ release: false });
       if (previous) this.queue.unshift(previous);
       this.queue.unshift(item);
-      this.sessionCount = Math.max(0, this.sessionCount - 1);
-      this.renderCount();
+      this.countChanged(-1);
       this.toast('Last judgment undone', 'info', 2000);
     } catch (err) {
       this.toast(err.message);
     } finally {
       this.undoing = false;
+      this.progressSettled();
       this.pump();
     }
+  }
+
+  checkAgain() {
+    if (this.body.dataset.state !== 'empty') return;
+    this.setState('loading', 'Looking for new comparisons…');
+    this.refill();
+    this.loadProgress();
   }
 
   // ---- video -----------------------------------------------------------------------------
@@ -475,15 +565,15 @@ class App {
     if (!natW || !natH) return;
     const rect = img.getBoundingClientRect();
     const fit = Math.min(rect.width / natW, rect.height / natH);
-    // Full resolution, and never smaller than twice what the panel already shows.
-    const scale = Math.max(1, 2 * fit);
     const shownW = natW * fit;
     const shownH = natH * fit;
     const fx = Math.min(Math.max((event.clientX - rect.left - (rect.width - shownW) / 2) / shownW, 0), 1);
     const fy = Math.min(Math.max((event.clientY - rect.top - (rect.height - shownH) / 2) / shownH, 0), 1);
     this.zoomImg.src = img.currentSrc || img.src;
-    this.zoomImg.style.width = `${Math.round(natW * scale)}px`;
-    this.zoomImg.style.height = `${Math.round(natH * scale)}px`;
+    // Exactly the file's pixels (one per CSS pixel): never blown up, never cut; a bigger image
+    // than the screen scrolls and pans.
+    this.zoomImg.style.width = `${natW}px`;
+    this.zoomImg.style.height = `${natH}px`;
     this.zoom.hidden = false;
     // Centre the clicked point.
     this.zoom.scrollLeft = fx * this.zoom.scrollWidth - this.zoom.clientWidth / 2;
@@ -509,6 +599,7 @@ class App {
       case 'undo': this.undo(); break;
       case 'help': this.toggleInstructions(); break;
       case 'help-close': this.toggleInstructions(false); break;
+      case 'check-again': this.checkAgain(); break;
       case 'play': case 'frame-back': case 'frame-forward': this.videoAction(action); break;
       default: break;
     }

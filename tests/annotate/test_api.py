@@ -266,7 +266,7 @@ def test_label_cycle_records_display_order(
     assert first["comparison"] not in nxt
     progress = c.get("/api/projects/cycle/progress/").json()
     assert progress["me"] == {"judged": 1, "skipped": 0, "active_leases": 2, "available": 0}
-    assert progress["project"] == {"comparisons": 3, "complete": 1, "judgments": 1}
+    assert progress["project"] == {"comparisons": 3, "complete": 1, "judgments": 1, "stuck": 0}
 
 
 def test_idempotency_key_returns_first_result(annotator: Any, make_project: Any, text_pairs: Any) -> None:
@@ -562,5 +562,5 @@ def test_submit_accepts_what_the_serializer_accepted(
         1200,
         "close call",
         "k1",
-        "ui",
+        "api",  # a token client records its own kind, whatever the body says
     )
