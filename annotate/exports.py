@@ -9,7 +9,8 @@ Schemas (``SCHEMAS``):
 - ``trl``: prompt, chosen, rejected (TRL RewardTrainer / DPOTrainer); comparisons whose outcome
   is a tie or both-bad have no chosen/rejected and are left out.
 - ``pickapic``: caption, jpg_0, jpg_1, label_0, label_1 (0.5/0.5 for ties), model_0, model_1,
-  user_id, ... as in the Pick-a-Pic dataset; both-bad outcomes are left out.
+  user_id, ... as in the Pick-a-Pic dataset; both-bad outcomes are left out. Images only: a project
+  with video or text samples is refused unless the export asks for ``modality=image``.
 - ``aspects``: one column per aspect outcome, VideoAlign style (A / B / same).
 - ``ranking``: full rankings (sample ids best first); pairwise outcomes become 2-rankings.
 - ``raw``: every judgment with annotator, displayed order, time spent, aspects, artifacts, rationale.
@@ -37,7 +38,7 @@ from typing import IO, Any
 from django.db import connection, transaction
 
 from annotate.errors import Invalid
-from annotate.models import Project
+from annotate.models import Project, Sample
 
 SCHEMAS = ("trl", "pickapic", "aspects", "ranking", "raw")
 FORMATS = ("jsonl", "csv", "parquet")
@@ -113,6 +114,23 @@ def validate_for_project(*, project: Project, spec: ExportSpec) -> None:
         raise Invalid(f"unknown aspect {spec.aspect!r}; this project has {keys}")
     if spec.schema == "aspects" and not keys:
         raise Invalid("this project has no aspects; use another schema")
+    if spec.schema == "pickapic" and spec.modality != "image":
+        # Pick-a-Pic's jpg_0/jpg_1 are images: MP4 bytes or markdown there would break its readers.
+        others = _modalities(project) - {"image"}
+        if others:
+            raise Invalid(
+                f"schema=pickapic holds images only (jpg_0, jpg_1) and this project has "
+                f"{' and '.join(sorted(others))} samples: add modality=image to export only its image "
+                "comparisons, or use schema=trl or raw",
+                code="pickapic_images_only",
+                details={"modalities": sorted(others)},
+            )
+
+
+def _modalities(project: Project) -> set[str]:
+    if project.modality:
+        return {project.modality}
+    return set(Sample.objects.filter(project=project).values_list("modality", flat=True).distinct())
 
 
 def spec_from_dict(data: dict[str, Any]) -> ExportSpec:
@@ -216,6 +234,12 @@ def _where(project: Project, spec: ExportSpec) -> tuple[list[str], list[Any]]:
         )
         params.append(spec.modality)
     return where, params
+
+
+def judgment_where(project: Project, spec: ExportSpec) -> tuple[list[str], list[Any]]:
+    """The export's filters as SQL conditions over ``annotate_judgment j JOIN annotate_comparison
+    c`` (for callers that count what an export will hold, e.g. the reward-job launch check)."""
+    return _where(project, spec)
 
 
 def _judgment_sql(project: Project, spec: ExportSpec) -> tuple[str, list[Any]]:

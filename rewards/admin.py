@@ -37,7 +37,16 @@ def _chart(series: dict[str, list[tuple[float, float]]]) -> str:
 @admin.register(Encoder)
 class EncoderAdmin(admin.ModelAdmin):
     list_display = ["name", "family", "model_type", "dim", "path", "created_at"]
-    readonly_fields = ["fingerprint", "name", "path", "family", "model_type", "dim", "created_at"]
+    readonly_fields = [
+        "fingerprint",
+        "name",
+        "path",
+        "family",
+        "model_type",
+        "dim",
+        "modalities",
+        "created_at",
+    ]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -35,6 +35,11 @@ class Encoder(models.Model):
     family = models.CharField(max_length=20, help_text="clip | siglip | text")
     model_type = models.CharField(max_length=50)
     dim = models.PositiveIntegerField()
+    modalities = models.JSONField(
+        default=list,
+        help_text="What its samples may be: image/video for CLIP/SigLIP, text for sentence encoders, "
+        "or what its config.json's sample_modalities says.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
@@ -85,7 +90,8 @@ class RewardConfig(models.Model):
         blank=True,
         default="",
         help_text="Local encoder directory (CLIP/SigLIP for images and videos, a sentence encoder for "
-        "text). Blank for a text project means the bundled MiniLM.",
+        "text). Blank: the bundled MiniLM for a text project, else the built-in image-text encoder "
+        "(or RL_DEFAULT_MEDIA_ENCODER).",
     )
     kind = models.CharField(max_length=20, choices=KIND_CHOICES, default="bt")
     hyperparameters = models.JSONField(default=dict, blank=True, help_text="Overrides of the kind's config.")

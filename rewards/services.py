@@ -27,9 +27,9 @@ from django.db.models import Max
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from annotate.errors import Conflict, Invalid, NotFound
+from annotate.errors import Conflict, Forbidden, Invalid, NotFound
 from annotate.models import Comparison, DatasetSnapshot, Judgment, Project, ProjectMember, Sample
-from annotate.services import member_role_require, snapshot_build, snapshot_create
+from annotate.services import member_role_require, snapshot_build, snapshot_create, task_dispatch
 from rewards.models import (
     Encoder,
     PromptEmbedding,
@@ -42,9 +42,15 @@ from rewards.models import (
 log = logging.getLogger(__name__)
 
 
-# Fewer judged pairs than this cannot give a meaningful model or held-out figure.
+# Fewer judged pairs than this cannot give a meaningful model; the launch check and the worker
+# both ask for this many training pairs after the hold-out, and for at least _min_holdout_pairs()
+# held-out ones, without which a version has no figure to be judged on.
 def _min_pairs() -> int:
     return int(getattr(settings, "RL_REWARD_MIN_PAIRS", 10))
+
+
+def _min_holdout_pairs() -> int:
+    return int(getattr(settings, "RL_REWARD_MIN_HOLDOUT_PAIRS", 1))
 
 
 EMBED_BATCH = 32
@@ -59,6 +65,12 @@ def reward_config_get(*, project: Project) -> RewardConfig:
     return config
 
 
+def _reward_config_read(project: Project) -> RewardConfig:
+    """The project's reward settings without writing anything: an unsaved default when it has none
+    (a launch that is refused must leave no row behind)."""
+    return RewardConfig.objects.filter(project=project).first() or RewardConfig(project=project)
+
+
 def _project_modalities(project: Project) -> list[str]:
     """The modalities a project's samples have: its own, or for a mixed project (blank modality)
     those its samples actually use."""
@@ -67,14 +79,42 @@ def _project_modalities(project: Project) -> list[str]:
     return sorted(set(Sample.objects.filter(project=project).values_list("modality", flat=True)))
 
 
+BUILTIN = "builtin"
+
+
+def _default_media_encoder() -> str:
+    """``RL_DEFAULT_MEDIA_ENCODER``: the encoder of projects with images or videos whose reward
+    config names none. ``builtin`` (the default) is the small image-text CLIP built under
+    ``var/encoders`` on first use, which also embeds text samples, so a mixed project (the demo)
+    trains out of the box; a path names a local CLIP/SigLIP directory; blank means none (a launch
+    without an encoder is refused)."""
+    import os
+
+    value = getattr(settings, "RL_DEFAULT_MEDIA_ENCODER", None)
+    return str(os.environ.get("RL_DEFAULT_MEDIA_ENCODER", BUILTIN) if value is None else value).strip()
+
+
+def builtin_encoder_path() -> str:
+    """The built-in image-text encoder's directory (built on first use, nothing downloaded)."""
+    from rewards.ml.builtin_encoder import ensure_builtin_encoder
+
+    return str(ensure_builtin_encoder(Path(settings.VAR_DIR) / "encoders"))
+
+
 def _default_encoder_path(project: Project) -> str:
-    if _project_modalities(project) == ["text"]:
+    modalities = _project_modalities(project)
+    if modalities == ["text"]:
         from rewards.ml.encoders import default_text_encoder_path
 
         return str(default_text_encoder_path())
+    default = _default_media_encoder()
+    if default == BUILTIN:
+        return builtin_encoder_path()
+    if default:
+        return default
     raise Invalid(
         f"project {project.slug!r} has no encoder configured: set a local CLIP or SigLIP directory "
-        "in its reward config (admin) or pass one with the job"
+        "in its reward config (admin) or pass one with the job (RL_DEFAULT_MEDIA_ENCODER is blank)"
     )
 
 
@@ -82,12 +122,36 @@ def _default_encoder_path(project: Project) -> str:
 def encoder_register(*, path: str) -> Encoder:
     """Validate a local encoder directory (config only, no weights loaded) and record it by the
     fingerprint of its weights."""
+    return _encoder_record(_encoder_inspect(path))
+
+
+def _encoder_inspect(path: str) -> Any:
+    """``inspect_encoder`` with its error as a 400; reads files only, writes no row."""
     from rewards.ml.encoders import EncoderError, inspect_encoder
 
     try:
-        info = inspect_encoder(path)
+        return inspect_encoder(path)
     except EncoderError as exc:
         raise Invalid(str(exc), code="bad_encoder") from exc
+    except (OSError, ValueError) as exc:  # a name too long for the filesystem, a NUL byte...
+        raise Invalid(
+            f"encoder directory {path[:200]!r} cannot be read ({type(exc).__name__})", code="bad_encoder"
+        ) from exc
+
+
+def _encoder_known(path: str) -> bool:
+    """A directory registered before (by staff, or as a project's configured encoder)."""
+    try:
+        resolved = str(Path(path).expanduser().resolve())
+    except (OSError, ValueError):
+        return False
+    return (
+        Encoder.objects.filter(path__in={path, resolved}).exists()
+        or RewardConfig.objects.filter(encoder_path=path).exists()
+    )
+
+
+def _encoder_record(info: Any) -> Encoder:
     encoder, created = Encoder.objects.get_or_create(
         fingerprint=info.fingerprint,
         defaults={
@@ -96,6 +160,7 @@ def encoder_register(*, path: str) -> Encoder:
             "family": info.family,
             "model_type": info.model_type,
             "dim": info.dim,
+            "modalities": list(info.modalities),
         },
     )
     if not created and encoder.path != info.path:
@@ -104,10 +169,12 @@ def encoder_register(*, path: str) -> Encoder:
     return encoder
 
 
-def _encoder_supports(encoder: Encoder, modality: str) -> bool:
-    if encoder.family == "text":
-        return modality == "text"
-    return modality in ("image", "video")
+def _encoder_supports(encoder: Encoder | Any, modality: str) -> bool:
+    """Whether ``encoder`` (a row or an ``EncoderInfo``) embeds samples of ``modality``."""
+    modalities = list(encoder.modalities or ())
+    if not modalities:  # a row written before encoders recorded what they embed
+        modalities = ["text"] if encoder.family == "text" else ["image", "video"]
+    return modality in modalities
 
 
 _LOADED: dict[tuple[str, str], Any] = {}
@@ -415,6 +482,45 @@ def _unit_hash(salt_id: int, ids: np.ndarray) -> np.ndarray:
     return out
 
 
+def _split_indices(
+    project_id: int, comparison: np.ndarray, gold_comparisons: set[int], holdout: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and held-out pairs, given each pair's comparison id: the one rule
+    that both the launch check (``reward_job_create``) and the worker (``pairs_split``) apply."""
+    comparison = np.asarray(comparison, dtype=np.int64)
+    cids = np.unique(comparison)
+    held = cids[_unit_hash(project_id, cids) < holdout]
+    is_gold = np.isin(comparison, np.array(sorted(gold_comparisons), dtype=np.int64))
+    is_held = np.isin(comparison, held)
+    return np.flatnonzero(~is_gold & ~is_held), np.flatnonzero(~is_gold & is_held)
+
+
+def _split_check(*, kind: str, total: int, train: int, held: int, holdout: float) -> None:
+    """Refuse a job whose pairs are too few once split (at launch and again in the worker)."""
+    if total < _min_pairs():
+        raise Invalid(
+            f"too few judged pairs to train on: {total} (at least {_min_pairs()} needed)",
+            code="too_few_pairs",
+            details={"pairs": total, "min_pairs": _min_pairs()},
+        )
+    if kind == "artifact":  # trained on per-sample flags, not on the pairs
+        return
+    if train < _min_pairs() or held < _min_holdout_pairs():
+        raise Invalid(
+            f"too few judged pairs to train on: holding out {holdout:.0%} of the comparisons leaves "
+            f"{train} training and {held} held-out pairs of {total}; at least {_min_pairs()} training "
+            f"and {_min_holdout_pairs()} held-out pairs are needed (judge more comparisons)",
+            code="too_few_pairs",
+            details={
+                "pairs": total,
+                "train_pairs": train,
+                "holdout_pairs": held,
+                "min_train_pairs": _min_pairs(),
+                "min_holdout_pairs": _min_holdout_pairs(),
+            },
+        )
+
+
 @dataclass
 class Split:
     train: Any  # PairSet
@@ -436,12 +542,7 @@ def pairs_split(
     same side) with a per-project stable hash; gold comparisons never train, they are scored apart."""
     from rewards.ml.data import PairSet
 
-    cids = np.unique(pairs.comparison)
-    held = set(cids[_unit_hash(project.id, cids) < holdout].tolist())
-    is_gold = np.isin(pairs.comparison, np.array(sorted(pairs.gold_comparisons), dtype=np.int64))
-    is_held = np.isin(pairs.comparison, np.array(sorted(held), dtype=np.int64))
-    train_idx = np.flatnonzero(~is_gold & ~is_held)
-    held_idx = np.flatnonzero(~is_gold & is_held)
+    train_idx, held_idx = _split_indices(project.id, pairs.comparison, pairs.gold_comparisons, holdout)
     # Artifact labels split by sample, with the same stable hash.
     sample_held = _unit_hash(project.id, np.array(pairs.sample_ids, dtype=np.int64)) < holdout
     art_train = np.where(sample_held, -1, pairs.artifact).astype(np.int8)
@@ -510,10 +611,43 @@ def _raw_spec() -> Any:
     )
 
 
-def _count_pairs_expected(project: Project, snapshot: DatasetSnapshot | None) -> int:
-    if snapshot is not None:
-        return int(snapshot.row_count if snapshot.row_count is not None else snapshot.rows_expected or 0)
-    return Judgment.objects.filter(project=project).exclude(outcome="both_bad").count()
+def _pairs_expected(project: Project, snapshot: DatasetSnapshot | None) -> tuple[np.ndarray, set[int]]:
+    """The comparison id of every pair the job will read, and the gold comparisons that never
+    train, as ``snapshot_pairs`` will find them: from the built snapshot itself, or else from the
+    judgments that a snapshot with that spec (or the raw one a launch records) will hold."""
+    if snapshot is not None and snapshot.status == DatasetSnapshot.Status.DONE and snapshot.file:
+        pairs = snapshot_pairs(snapshot=snapshot)
+        return pairs.comparison, pairs.gold_comparisons
+    from annotate import exports
+
+    spec = exports.spec_from_dict(snapshot.spec) if snapshot is not None else _raw_spec()
+    where, params = exports.judgment_where(project, spec)
+    # The rules of snapshot_pairs in SQL: a pairwise outcome of a two-sample comparison is one pair,
+    # a ranking of n samples n(n-1)/2; a gold comparison with a usable answer never trains.
+    with connection.cursor() as cur:
+        cur.execute(
+            f"""
+            SELECT c.id,
+                   c.is_gold AND n.n = 2 AND c.gold_answer->>'outcome' IN ('a', 'b', 'tie', 'both_bad'),
+                   sum(CASE WHEN j.outcome = 'ranking' AND jsonb_typeof(j.ranking) = 'array'
+                            THEN jsonb_array_length(j.ranking) * (jsonb_array_length(j.ranking) - 1) / 2
+                            WHEN j.outcome IN ('a', 'b', 'tie', 'both_bad') AND n.n = 2 THEN 1
+                            ELSE 0 END)
+            FROM annotate_judgment j
+            JOIN annotate_comparison c ON c.id = j.comparison_id
+            CROSS JOIN LATERAL (
+                SELECT count(*) AS n FROM annotate_comparisonsample cs WHERE cs.comparison_id = c.id
+            ) n
+            WHERE {" AND ".join(where)}
+            GROUP BY c.id, n.n
+            """,
+            params,
+        )
+        rows = cur.fetchall()
+    comparison = np.repeat(
+        np.array([r[0] for r in rows], dtype=np.int64), np.array([int(r[2]) for r in rows], dtype=np.int64)
+    )
+    return comparison, {int(r[0]) for r in rows if r[1]}
 
 
 def reward_job_create(
@@ -538,8 +672,10 @@ def reward_job_create(
     the given snapshot) holds enough judged pairs. Without ``snapshot`` a raw Parquet snapshot of
     every judgment is recorded now and built by the job, so each version names the exact data it
     saw. ``dispatch`` queues the job on the ``gpu`` queue once the transaction commits."""
+    # Every check reads only: a refused launch leaves no row behind (not even a RewardConfig or
+    # an Encoder), and it refuses exactly what the worker would, with the same split.
     member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
-    rc = reward_config_get(project=project)
+    rc = _reward_config_read(project)
     kind = kind or rc.kind
     holdout = rc.holdout if holdout is None else float(holdout)
     if not 0.05 <= holdout <= 0.5:
@@ -549,18 +685,24 @@ def reward_job_create(
     config = reward_hyperparameters_resolve(
         kind, dict(rc.hyperparameters or {}) | dict(hyperparameters or {}), device
     )
-    path = encoder_path or rc.encoder_path or _default_encoder_path(project)
-    encoder = encoder_register(path=path)
+    if encoder_path and not getattr(actor, "is_staff", False) and not _encoder_known(encoder_path):
+        # A server path is the staff's to choose: a manager who could name any directory would
+        # learn which ones exist from the errors. Managers pick among registered encoders.
+        raise Forbidden(
+            "only staff can register a new encoder directory; use one already registered or ask an admin",
+            code="bad_encoder",
+        )
+    info = _encoder_inspect(encoder_path or rc.encoder_path or _default_encoder_path(project))
     modalities = _project_modalities(project)
-    if kind == "finetune" and (modalities != ["image"] or encoder.family == "text"):
+    if kind == "finetune" and (modalities != ["image"] or info.family == "text"):
         raise Invalid(
             "encoder fine-tuning is for image projects with a CLIP or SigLIP encoder", code="bad_encoder"
         )
-    unsupported = [m for m in modalities if not _encoder_supports(encoder, m)]
+    unsupported = [m for m in modalities if not _encoder_supports(info, m)]
     if unsupported:
-        # One head needs one embedding space: a mixed text + image project has none.
+        # One head needs one embedding space: the encoder must embed every kind of sample there is.
         raise Invalid(
-            f"encoder {encoder.name} is a {encoder.family} encoder and cannot embed "
+            f"encoder {info.name} is a {info.family} encoder and cannot embed "
             f"{' or '.join(unsupported)} samples",
             code="bad_encoder",
         )
@@ -575,13 +717,12 @@ def reward_job_create(
         raise Invalid(
             f"project {project.slug!r} has no judgments yet: nothing to train on", code="no_judgments"
         )
-    pairs = _count_pairs_expected(project, snapshot)
-    if pairs < _min_pairs():
-        raise Invalid(
-            f"too few judged pairs to train on: {pairs} (at least {_min_pairs()} needed)",
-            code="too_few_pairs",
-        )
+    comparison, gold = _pairs_expected(project, snapshot)
+    train_idx, held_idx = _split_indices(project.id, comparison, gold, holdout)
+    _split_check(kind=kind, total=len(comparison), train=len(train_idx), held=len(held_idx), holdout=holdout)
     with transaction.atomic():
+        encoder = _encoder_record(info)
+        own_snapshot = snapshot is None
         if snapshot is None:
             snapshot = snapshot_create(
                 project=project, actor=actor, spec=_raw_spec(), name=f"reward-{kind}", dispatch=False
@@ -604,7 +745,12 @@ def reward_job_create(
         if dispatch:
             from rewards.tasks import gpu_train_reward_model
 
-            transaction.on_commit(lambda: gpu_train_reward_model.delay(job.id))
+            def undo() -> None:  # the broker is down: no job may wait for ever in "queued"
+                RewardTrainingJob.objects.filter(id=job.id).delete()
+                if own_snapshot:
+                    DatasetSnapshot.objects.filter(id=snapshot.id).delete()
+
+            task_dispatch(gpu_train_reward_model, job.id, undo=undo)
     return job
 
 
@@ -627,12 +773,15 @@ def reward_job_cancel(*, job: RewardTrainingJob, actor: Any) -> RewardTrainingJo
             job.finished_at = timezone.now()
             fields += ["status", "finished_at"]
         job.save(update_fields=fields)
-    cache.set(cancel_key(job.id), True, timeout=7 * 24 * 3600)
+    cache.set(cancel_key(job), True, timeout=7 * 24 * 3600)
     return job
 
 
-def cancel_key(job_id: int) -> str:
-    return f"rewardjob:{job_id}:cancel"
+def cancel_key(job: RewardTrainingJob) -> str:
+    # The creation time makes the key unique across databases that reuse ids: test processes running
+    # side by side (pytest -n) share one Redis, and a job id alone let one process's cancel stop
+    # another's same-numbered job mid-training.
+    return f"rewardjob:{job.id}:{job.created_at.timestamp()}:cancel"
 
 
 class _Reporter:
@@ -640,6 +789,7 @@ class _Reporter:
 
     def __init__(self, job: RewardTrainingJob, echo: ProgressFn | None):
         self.job_id = job.id
+        self.cancel_key = cancel_key(job)
         self.echo = echo
         self.last = 0.0
         self.state: dict[str, Any] = {}
@@ -651,7 +801,7 @@ class _Reporter:
         if self.echo:
             self.echo(dict(self.state))
         # The cancel flag is mirrored in the cache so every report can afford to look at it.
-        if cache.get(cancel_key(self.job_id)):
+        if cache.get(self.cancel_key):
             raise TrainingCancelled(f"job {self.job_id} cancelled")
         now = time.monotonic()
         if not persist or (not force and now - self.last < 1.0):
@@ -694,7 +844,7 @@ def reward_job_run(*, job_id: int, progress: ProgressFn | None = None) -> Reward
         job.started_at = job.heartbeat_at = timezone.now()
         job.save(update_fields=["status", "started_at", "heartbeat_at"])
         if not job.cancel_requested:
-            cache.delete(cancel_key(job.id))  # a stale flag of a same-numbered job of another database
+            cache.delete(cancel_key(job))  # a stale flag (e.g. a job restored from a backup)
     report = _Reporter(job, progress)
     try:
         version = _train(job, report)
@@ -743,10 +893,15 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
         if snapshot.status != DatasetSnapshot.Status.DONE:
             raise Invalid(f"snapshot {snapshot.id} is {snapshot.status}, not built")
     pairs = snapshot_pairs(snapshot=snapshot)
-    if pairs.a.shape[0] < _min_pairs():
-        raise Invalid(
-            f"too few judged pairs to train on: {pairs.a.shape[0]} (at least {_min_pairs()} needed)"
-        )
+    # The launch made the same check on the same rule; judgments undone since can still fail it.
+    train_idx, held_idx = _split_indices(project.id, pairs.comparison, pairs.gold_comparisons, job.holdout)
+    _split_check(
+        kind=job.kind,
+        total=len(pairs.comparison),
+        train=len(train_idx),
+        held=len(held_idx),
+        holdout=job.holdout,
+    )
 
     report.phase("embedding", done=0, total=len(pairs.sample_ids))
     embeddings_ensure(
@@ -758,8 +913,6 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
     )
     x, mask, prompt = features_load(encoder=job.encoder, sample_ids=pairs.sample_ids)
     split = pairs_split(project=project, pairs=pairs, x=x, mask=mask, prompt=prompt, holdout=job.holdout)
-    if job.kind != "artifact" and split.train.num_pairs < _min_pairs():
-        raise Invalid(f"too few training pairs after holding out {job.holdout:.0%}: {split.train.num_pairs}")
 
     report.phase("training", step=0)
 
@@ -929,7 +1082,17 @@ def version_decide(
         champion = (
             RewardModelVersion.objects.filter(project=project, is_active=True).exclude(id=version.id).first()
         )
-        if champion is None:
+        if challenger_figs.get("accuracy") is None:
+            # Never promote without evidence: no held-out figure says this version is any good.
+            decision = {
+                "promoted": False,
+                "reason": "no held-out figures: it was evaluated on no held-out pairs, so nothing shows "
+                "it is any good (a manager can still activate it by hand)",
+                "holdout_pairs": int((version.metrics or {}).get("holdout_pairs") or 0),
+                "challenger": _brief(challenger_figs, version),
+                **({"champion_version": champion.number} if champion is not None else {}),
+            }
+        elif champion is None:
             decision = {
                 "promoted": True,
                 "reason": "no active model yet",
@@ -1002,7 +1165,9 @@ def version_activate(*, version: RewardModelVersion, actor: Any) -> RewardModelV
         version.save(update_fields=["is_active", "decision"])
         from rewards.tasks import gpu_score_samples
 
-        transaction.on_commit(lambda: gpu_score_samples.delay(version.id))
+        # With the broker down the activation stands: beat's scores_refresh queues the scoring of
+        # the active version's unscored samples once the broker is back.
+        task_dispatch(gpu_score_samples, version.id, undo=None)
     return version
 
 

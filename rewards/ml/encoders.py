@@ -47,6 +47,11 @@ FAMILIES = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # What a sample of each family can be; prompts go through ``embed_texts`` for every family.
 MODALITIES = {"clip": ("image", "video"), "siglip": ("image", "video"), "text": ("text",)}
+# An image-text encoder whose text tower is meant for text samples too (not only for prompts) says
+# so in its config.json, e.g. ``"sample_modalities": ["image", "video", "text"]``: then a project
+# that mixes images, videos and texts has one embedding space for all of them. The key is part of
+# config.json, so it is part of the fingerprint.
+SAMPLE_MODALITIES_KEY = "sample_modalities"
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # Any one of these makes AutoTokenizer work (fast tokenizer, WordPiece, BPE, SentencePiece).
@@ -77,6 +82,7 @@ class EncoderInfo:
     model_type: str  # config.json model_type
     dim: int  # embedding size returned by embed_*
     fingerprint: str  # sha256 hex of config.json + weight files (see _fingerprint)
+    modalities: tuple[str, ...] = ()  # what its samples may be (MODALITIES, or config.json's say)
 
 
 # --- Inspecting a directory (no weights loaded) ---------------------------------------------------
@@ -128,7 +134,26 @@ def inspect_encoder(path: str | Path) -> EncoderInfo:
         model_type=str(model_type),
         dim=_embedding_dim(root, family, config),
         fingerprint=_fingerprint(config_file, weights),
+        modalities=_sample_modalities(root, family, raw.get(SAMPLE_MODALITIES_KEY)),
     )
+
+
+def _sample_modalities(root: Path, family: str, declared: Any) -> tuple[str, ...]:
+    if declared is None:
+        return MODALITIES[family]
+    # A sentence encoder has no image tower; an image-text one can add texts (its text tower).
+    allowed = ("text",) if family == "text" else ("image", "video", "text")
+    if (
+        not isinstance(declared, list)
+        or not declared
+        or any(m not in allowed for m in declared)
+        or len(set(declared)) != len(declared)
+    ):
+        raise EncoderError(
+            f"{root}/config.json: {SAMPLE_MODALITIES_KEY} must be a list of distinct modalities "
+            f"out of {', '.join(allowed)}, not {declared!r}"
+        )
+    return tuple(m for m in ("image", "video", "text") if m in declared)
 
 
 def _weight_files(root: Path) -> list[Path]:
@@ -375,7 +400,7 @@ class Encoder:
 
     def supports(self, modality: str) -> bool:
         """Whether samples of ``modality`` ("image", "video", "text") can be embedded."""
-        return modality in MODALITIES[self.info.family]
+        return modality in (self.info.modalities or MODALITIES[self.info.family])
 
     def embed_images(self, images: Sequence[Image.Image], *, batch_size: int = 32) -> np.ndarray:
         """``(N, D)`` L2-normalised embeddings of images, through the model's own image processor."""

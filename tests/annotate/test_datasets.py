@@ -146,10 +146,14 @@ def test_export_api_streams_all_formats(voted: Any, manager: Any) -> None:
     assert {"annotator", "displayed_order", "time_spent_ms", "aspects", "artifacts", "rationale"} <= set(
         first
     )
-    r = c.get("/api/projects/votes/export/?schema=pickapic&format=parquet&aggregate=soft")
+    r = c.get("/api/projects/votes/export/?schema=raw&format=parquet")
     table = pq.read_table(io.BytesIO(r.getvalue()))
-    assert table.num_rows == 2
-    assert table.schema.field("label_0").type == pa.float64()
+    assert table.num_rows == 6
+    assert table.schema.field("time_spent_ms").type == pa.int64()
+    # Pick-a-Pic rows hold images: a text project is refused, not exported as jpg_0 = markdown.
+    r = c.get("/api/projects/votes/export/?schema=pickapic&format=parquet&aggregate=soft")
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "pickapic_images_only"
     r = c.get("/api/projects/votes/export/?schema=trl&format=csv")
     text = r.getvalue().decode()
     assert text.splitlines() == ["prompt,chosen,rejected", "prompt 0,answer A0,answer B0"]
@@ -194,7 +198,7 @@ def test_snapshot_is_built_on_celery_and_content_hashed(
         with django_capture_on_commit_callbacks(execute=True):
             r = c.post(
                 "/api/projects/votes/snapshots/",
-                {"schema": "pickapic", "format": "jsonl", "name": "v1"},
+                {"schema": "raw", "format": "jsonl", "name": "v1"},
                 format="json",
             )
         assert r.status_code == 202, r.json()
@@ -203,13 +207,13 @@ def test_snapshot_is_built_on_celery_and_content_hashed(
         app.conf.task_always_eager = False
     detail = c.get(f"/api/projects/votes/snapshots/{snap_id}/").json()
     assert detail["status"] == "done"
-    assert detail["row_count"] == 2
+    assert detail["row_count"] == 6
     assert detail["rows_expected"] == 6
     body = c.get(detail["download"]).getvalue()
     import hashlib
 
     assert hashlib.sha256(body).hexdigest() == detail["sha256"]
-    assert len(body.decode().splitlines()) == 2
+    assert len(body.decode().splitlines()) == 6
     # Rebuilding is a no-op: a snapshot never changes.
     snap = services.snapshot_build(snapshot_id=snap_id)
     assert snap.sha256 == detail["sha256"]

@@ -114,7 +114,8 @@ def test_launch_refuses_bad_input_with_clear_messages(
     refused("does not exist", encoder_path=str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     refused("config.json", encoder_path=str(tmp_path / "empty"))
-    refused("has no encoder configured")  # an image project has no default encoder
+    with override_settings(RL_DEFAULT_MEDIA_ENCODER=""):  # no built-in default for images
+        refused("has no encoder configured")  # an image project has no default encoder
     refused("cannot embed image samples", encoder_path=str(save_tiny_bert(tmp_path / "bert")))
     refused("too few judged pairs to train on: 5", encoder_path=str(clip_dir))
     simulate(project, annotator, brighter)
@@ -407,15 +408,17 @@ def test_video_project_attention_pooling(
 
 
 def test_periodic_retraining_rule(make_project: Any, manager: Any, annotator: Any, clip_dir: Path) -> None:
+    # 40 judgments: enough that the 20% hold-out leaves >= 10 training and >= 1 held-out pairs
+    # whatever the row ids (the split hashes them), which the launch checks.
     project = image_project(
-        make_project, manager, annotators=(annotator,), prompts=1, per_prompt=10, pairs_per_prompt=40
+        make_project, manager, annotators=(annotator,), prompts=1, per_prompt=10, pairs_per_prompt=45
     )
     rc = services.reward_config_get(project=project)
     rc.encoder_path = str(clip_dir)
     rc.auto_retrain = True
-    rc.retrain_min_new_judgments = 20
+    rc.retrain_min_new_judgments = 40
     rc.save()
-    simulate(project, annotator, brighter, limit=19)
+    simulate(project, annotator, brighter, limit=39)
     assert services.retrain_due() == []
     simulate(project, annotator, brighter, limit=1)
     launched = services.retrain_due()
@@ -444,13 +447,14 @@ def test_a_job_whose_worker_died_is_failed_and_unblocks_retraining(
 
     from django.utils import timezone
 
+    # 40 judgments before the first launch: enough for the hold-out split whatever the row ids.
     project = image_project(
-        make_project, manager, annotators=(annotator,), prompts=1, per_prompt=8, pairs_per_prompt=20
+        make_project, manager, annotators=(annotator,), prompts=1, per_prompt=12, pairs_per_prompt=50
     )
     rc = services.reward_config_get(project=project)
     rc.encoder_path, rc.auto_retrain, rc.retrain_min_new_judgments = str(clip_dir), True, 10
     rc.save()
-    simulate(project, annotator, brighter, limit=12)
+    simulate(project, annotator, brighter, limit=40)
     dead = services.reward_job_create(project=project, actor=manager, dispatch=False)
     RewardTrainingJob.objects.filter(id=dead.id).update(
         status="running", heartbeat_at=timezone.now() - timedelta(minutes=11)
@@ -541,7 +545,10 @@ def test_mixed_projects_train_when_one_encoder_fits_all_their_samples(
     annotate_services.sample_create_media(
         project=project, actor=manager, file=io.BytesIO(mp4_bytes()), filename="x.mp4", prompt="question 0"
     )
-    with pytest.raises(Invalid, match="has no encoder configured"):
+    with (
+        override_settings(RL_DEFAULT_MEDIA_ENCODER=""),  # no built-in default for images and videos
+        pytest.raises(Invalid, match="has no encoder configured"),
+    ):
         services.reward_job_create(project=project, actor=manager, dispatch=False)
     from rewards.ml.encoders import default_text_encoder_path
 

@@ -42,6 +42,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--slug", default="demo")
         parser.add_argument("--password", default="demo")
+        parser.add_argument(
+            "--prompts",
+            type=int,
+            default=None,
+            help="prompts per modality (default all 8); fewer seed faster (tests, quick looks)",
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         User = get_user_model()
@@ -65,7 +71,11 @@ class Command(BaseCommand):
                 overlap=1,
             )
         ProjectMember.objects.get_or_create(project=project, user=user, defaults={"role": "manager"})
-        jobs = [(m, p) for m in ("image", "video", "text") for p in demo_media.DEMO_PROMPTS[m]]
+        # Reward models train on this project out of the box: with no encoder configured, the
+        # rewards app's built-in image-text encoder embeds its images, videos and texts alike.
+        jobs = [
+            (m, p) for m in ("image", "video", "text") for p in demo_media.DEMO_PROMPTS[m][: opts["prompts"]]
+        ]
         for modality, prompt in tqdm(jobs, desc="demo samples", unit="prompt"):
             for seed, (gen, version, style) in enumerate(VERSIONS):
                 for extra in range(2 if style == "clean" else 1):
