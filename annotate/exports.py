@@ -39,6 +39,7 @@ from django.db import connection, transaction
 
 from annotate.errors import Invalid
 from annotate.models import Project, Sample
+from annotate.validation import as_id
 
 SCHEMAS = ("trl", "pickapic", "aspects", "ranking", "raw")
 FORMATS = ("jsonl", "csv", "parquet")
@@ -175,8 +176,9 @@ def spec_from_params(params: Any, *, base_url: str = "") -> ExportSpec:
     names = raw_versions if isinstance(raw_versions, list) else [v for v in str(raw_versions).split(",") if v]
     for name in names:
         name = str(name).strip()
-        if name.isdigit():
-            versions.append(int(name))
+        version_id = as_id(name)
+        if version_id is not None:
+            versions.append(version_id)
             continue
         gen, _, ver = name.partition("@")
         gv = GeneratorVersion.objects.filter(generator__name=gen, name=ver).first()

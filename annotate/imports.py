@@ -1,9 +1,11 @@
 """Datasets in: samples in bulk (media + manifest) and existing preference data as judgments.
 
 Every import is all or nothing: the rows are read and checked first, with errors naming the row,
-and then written in one transaction; media files written before a failure are removed. Media
-entries are read, checked and written one at a time, in batches bounded by bytes, so what a
-worker holds in memory does not grow with the upload (a small zip can inflate a thousandfold).
+and then written in one transaction; media files written before a failure are removed. The
+manifest is streamed and media entries are read and decoded one at a time (checking keeps only
+their description), then re-read batch by batch when written, so what a worker holds in memory
+does not grow with the upload (a small zip can inflate a thousandfold), and the transaction
+holds no locks while media decodes.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from typing import IO, Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.files.base import ContentFile
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
-from annotate.errors import Invalid, TooLarge
+from annotate.errors import Conflict, Invalid, TooLarge
 from annotate.media import MediaError, MediaInfo, MediaTooLarge, inspect_media, inspect_text
 from annotate.models import (
     Comparison,
@@ -106,40 +108,58 @@ class _Source:
             raise TooLarge(f"row {row}: {rel} is over the {limit}-byte limit", details={"row": row})
         return data
 
-    def manifest(self, name: str | None) -> tuple[str, str]:
+    def open_text(self, name: str) -> IO[str] | None:
+        """A top-level text file of the upload as a UTF-8 stream (read as it is iterated), or None."""
+        if self.zip is not None:
+            try:
+                info = self.zip.getinfo(name)
+            except KeyError:
+                return None
+            return io.TextIOWrapper(self.zip.open(info), encoding="utf-8-sig", newline="")
+        assert self.root is not None
+        target = (self.root / name).resolve()
+        if not target.is_relative_to(self.root) or not target.is_file():
+            return None
+        return target.open(encoding="utf-8-sig", newline="")
+
+    def manifest(self, name: str | None) -> tuple[str, IO[str]]:
         names = [name] if name else list(MANIFEST_NAMES)
         for n in names:
-            try:
-                return n, self.read(n, 0, 512 * 1024 * 1024).decode("utf-8-sig")
-            except Invalid:
-                continue
-            except UnicodeDecodeError as exc:
-                raise Invalid(f"{n} is not UTF-8 text") from exc
+            stream = self.open_text(n)
+            if stream is not None:
+                return n, stream
         raise Invalid(f"no manifest in the upload (expected {' or '.join(names)} at its top level)")
 
 
-def _manifest_rows(name: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    if name.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text))
-        i = 0
-        try:
+def _json_row(i: int, line: str) -> dict[str, Any]:
+    """Row ``i`` of a JSONL file: one JSON object, or ``Invalid`` naming the row."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise Invalid(f"row {i}: not valid JSON ({getattr(exc, 'msg', exc)})", details={"row": i}) from exc
+    if not isinstance(row, dict):
+        raise Invalid(f"row {i}: expected a JSON object", details={"row": i})
+    return row
+
+
+def _manifest_rows(name: str, stream: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Numbered rows of a manifest, read line by line (a manifest can be larger than memory)."""
+    i = 0
+    try:
+        if name.endswith(".csv"):
+            reader = csv.DictReader(stream)
             for i, row in enumerate(reader, start=1):
                 yield i, {k.strip(): (v if v != "" else None) for k, v in row.items() if k}
-        except csv.Error as exc:
-            raise Invalid(f"row {i + 1}: unreadable CSV ({exc})", details={"row": i + 1}) from exc
-        return
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise Invalid(
-                f"row {i}: not valid JSON ({getattr(exc, 'msg', exc)})", details={"row": i}
-            ) from exc
-        if not isinstance(row, dict):
-            raise Invalid(f"row {i}: expected a JSON object", details={"row": i})
-        yield i, row
+            return
+        for i, line in enumerate(stream, start=1):
+            if line.strip():
+                yield i, _json_row(i, line)
+    except csv.Error as exc:
+        raise Invalid(f"row {i + 1}: unreadable CSV ({exc})", details={"row": i + 1}) from exc
+    except UnicodeDecodeError as exc:
+        raise Invalid(f"{name}: row {i + 1} is not UTF-8 text", details={"row": i + 1}) from exc
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise Invalid(f"{name} is damaged in the zip ({exc})") from exc
 
 
 # --- Samples in bulk -----------------------------------------------------------------------------
@@ -157,79 +177,98 @@ def samples_import(
     counted, not stored twice."""
     member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
     src = _Source(source)
-    name, text = src.manifest(manifest)
+    name, stream = src.manifest(manifest)
     result = ImportResult()
     limit = max(settings.RL_MAX_IMAGE_BYTES, settings.RL_MAX_VIDEO_BYTES)
+    # Pass 1, outside any transaction: every row checked and every media entry read and decoded,
+    # one at a time; only what describes it (MediaInfo, no bytes) is kept.
+    planned: list[tuple[int, dict[str, Any], MediaInfo]] = []
     seen: set[str] = set()
+    with stream:
+        for i, raw in _manifest_rows(name, stream):
+            result.rows += 1
+            row = _manifest_row(i, raw)
+            try:
+                if row["path"] is not None:
+                    info = inspect_media(io.BytesIO(src.read(row["path"], i, limit)))
+                else:
+                    info = inspect_text(row["text"])
+            except MediaTooLarge as exc:
+                raise TooLarge(f"row {i}: {exc}", details={"row": i}) from exc
+            except MediaError as exc:
+                raise Invalid(f"row {i}: {row['path'] or 'text'}: {exc}", details={"row": i}) from exc
+            if project.modality and info.modality != project.modality:
+                raise Invalid(
+                    f"row {i}: this project takes {project.modality} samples, not {info.modality}",
+                    details={"row": i},
+                )
+            if info.content_hash in seen:
+                result.duplicates += 1
+            else:
+                seen.add(info.content_hash)
+                planned.append((i, row, info))
+            if progress:
+                progress(result.rows)
+    # Pass 2, one transaction: batches of rows (bounded in rows and in media bytes) written with
+    # one insert each; media re-read from the upload batch by batch.
+    prompts: dict[str, Any] = {}
+    versions: dict[tuple[str, str], Any] = {}
     written: list[Sample] = []
-    batch: list[tuple[int, dict[str, Any], MediaInfo, bytes | None]] = []
-    held = 0
 
-    def flush() -> None:
-        nonlocal held
+    def write(batch: list[tuple[int, dict[str, Any], MediaInfo]]) -> None:
         existing = set(
             Sample.objects.filter(
-                project=project, content_hash__in=[info.content_hash for _, _, info, _ in batch]
+                project=project, content_hash__in=[info.content_hash for _, _, info in batch]
             ).values_list("content_hash", flat=True)
         )
-        for i, row, info, data in batch:
+        rows: list[Sample] = []
+        for i, row, info in batch:
             if info.content_hash in existing:
                 result.duplicates += 1
                 continue
             try:
+                prompt = prompts.get(row["prompt"])
+                if prompt is None:
+                    prompt = prompts[row["prompt"]] = prompt_get_or_create(
+                        project=project, text=row["prompt"]
+                    )
+                key = (row["generator"], row["generator_version"])
+                if key not in versions:
+                    versions[key] = generator_version_get_or_create(generator=key[0], version=key[1])
                 sample = sample_build(
                     project=project,
-                    prompt=prompt_get_or_create(project=project, text=row["prompt"]),
-                    gv=generator_version_get_or_create(
-                        generator=row["generator"], version=row["generator_version"]
-                    ),
+                    prompt=prompt,
+                    gv=versions[key],
                     info=info,
                     metadata=row["metadata"],
-                    text=row["text"] if data is None else "",
+                    text=row["text"] if row["path"] is None else "",
                 )
             except Invalid as exc:
                 raise Invalid(f"row {i}: {exc.message}", details={"row": i}) from exc
-            if data is not None:
+            if row["path"] is not None:
+                data = src.read(row["path"], i, limit)
                 sample.media.save(f"import.{info.extension}", ContentFile(data), save=False)
                 written.append(sample)
-            sample.save()
-            result.created += 1
-            result.sample_ids.append(sample.id)
-        batch.clear()
-        held = 0
+            rows.append(sample)
+        Sample.objects.bulk_create(rows)
+        result.created += len(rows)
+        result.sample_ids += [s.id for s in rows]
 
     try:
         with transaction.atomic():
-            for n, (i, raw) in enumerate(_manifest_rows(name, text), start=1):
-                result.rows += 1
-                row = _manifest_row(i, raw)
-                data: bytes | None = None
-                try:
-                    if row["path"] is not None:
-                        data = src.read(row["path"], i, limit)
-                        info = inspect_media(io.BytesIO(data))
-                    else:
-                        info = inspect_text(row["text"])
-                except MediaTooLarge as exc:
-                    raise TooLarge(f"row {i}: {exc}", details={"row": i}) from exc
-                except MediaError as exc:
-                    raise Invalid(f"row {i}: {row['path'] or 'text'}: {exc}", details={"row": i}) from exc
-                if project.modality and info.modality != project.modality:
-                    raise Invalid(
-                        f"row {i}: this project takes {project.modality} samples, not {info.modality}",
-                        details={"row": i},
-                    )
-                if info.content_hash in seen:
-                    result.duplicates += 1
-                    continue
-                seen.add(info.content_hash)
-                batch.append((i, row, info, data))
-                held += len(data or b"")
+            batch: list[tuple[int, dict[str, Any], MediaInfo]] = []
+            held = 0
+            for item in planned:
+                batch.append(item)
+                held += item[2].byte_size if item[1]["path"] is not None else 0
                 if held >= _BATCH_BYTES or len(batch) >= _BATCH_ROWS:
-                    flush()
-                if progress:
-                    progress(n)
-            flush()
+                    write(batch)
+                    batch, held = [], 0
+            write(batch)
+    except IntegrityError as exc:  # the same content stored by a concurrent upload
+        for s in written:
+            s.media.delete(save=False)
+        raise Conflict("some of these samples were stored by another upload meanwhile; import again") from exc
     except BaseException:
         for s in written:
             s.media.delete(save=False)
@@ -360,14 +399,7 @@ def _trl_pairs(fh: IO[bytes]) -> Iterator[_Pair]:
     for i, raw in _lines(fh):
         if not raw.strip():
             continue
-        try:
-            row = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise Invalid(
-                f"row {i}: not valid JSON ({getattr(exc, 'msg', exc)})", details={"row": i}
-            ) from exc
-        if not isinstance(row, dict):
-            raise Invalid(f"row {i}: expected a JSON object", details={"row": i})
+        row = _json_row(i, raw)
         missing = [k for k in ("chosen", "rejected") if k not in row]
         if missing:
             raise Invalid(f"row {i}: missing column(s) {', '.join(missing)}", details={"row": i})

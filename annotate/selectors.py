@@ -169,7 +169,9 @@ def _stuck_q(projects: Any) -> Q:
     ).exclude(
         Exists(Assignment.objects.filter(comparison=OuterRef(OuterRef("pk")), annotator=OuterRef("user")))
     )
-    return Q(status=Comparison.Status.OPEN, slots_taken__lt=F("overlap"), id__in=skipped) & ~Exists(unserved)
+    return Q(status=Comparison.Status.OPEN, slots_taken__lt=F("overlap"), id__in=skipped) & Q(
+        ~Exists(unserved)
+    )
 
 
 def comparisons_stuck_counts(*, slugs: Sequence[str]) -> dict[str, int]:

@@ -39,7 +39,7 @@ from annotate.models import (
     Sample,
 )
 from annotate.selectors import member_role_require
-from annotate.validation import check_json, clean_text
+from annotate.validation import as_id, check_json, clean_text
 
 UserLike = AbstractBaseUser
 log = logging.getLogger(__name__)
@@ -608,9 +608,8 @@ def _check_artifacts(artifacts: Sequence[dict[str, Any]]) -> list[dict[str, Any]
     out = []
     for i, item in enumerate(artifacts):
         sample = item.get("sample") if isinstance(item, dict) else None
-        if isinstance(sample, str) and sample.isdigit():
-            sample = int(sample)
-        if not isinstance(sample, int) or isinstance(sample, bool):
+        sample = as_id(sample)
+        if sample is None:
             raise Invalid(f"artifact {i}: 'sample' must be one of the comparison's samples")
         tags = item.get("tags", [])
         regions = item.get("regions", [])

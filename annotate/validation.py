@@ -90,3 +90,18 @@ def check_json(value: Any, *, field: str) -> Any:
         name = field if where == "(body)" else f"{field}.{where}"
         raise Invalid(f"{name}: {reason}", details={"field": name})
     return value
+
+
+_ID = re.compile(r"[0-9]{1,19}")
+
+
+def as_id(value: Any) -> int | None:
+    """A row id from a JSON number or a string of ASCII digits, within ``bigint``; else None
+    (``str.isdigit`` also accepts "²", which ``int`` refuses)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and _ID.fullmatch(value):
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= INT64_MAX:
+        return value
+    return None

@@ -4,7 +4,8 @@
 seeds, ``train_reward_model``...) would otherwise die on ``relation "auth_user" does not exist``
 when run first. On the embedded PostgreSQL under ``var/`` the migrations are applied (it is this
 checkout's own database); on a database given by ``DATABASE_URL`` nothing is changed behind the
-operator's back: the command stops with one line saying what to run.
+operator's back: one line says what to run, and the command goes on (``dbshell``, ``shell`` and
+the like are what an operator needs after a half-failed migration).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SKIP = {
     "spectacular",
     "up",
     "test",
+    "dbshell",
 }
 
 
@@ -42,12 +44,21 @@ def ensure_migrated(*, quiet: bool = False) -> None:
     ``django.setup()``)."""
     from django.conf import settings
     from django.core.management import call_command
+    from django.db import DatabaseError
 
-    pending = pending_migrations()
+    try:
+        pending = pending_migrations()
+    except DatabaseError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        sys.exit(f"cannot reach the database ({first}); is it running, and is DATABASE_URL right?")
     if not pending:
         return
     if not settings.EMBEDDED_POSTGRES:
-        sys.exit(f"the database has {pending} unapplied migration(s); run `python manage.py migrate` first")
+        print(
+            f"warning: the database has {pending} unapplied migration(s); run `python manage.py migrate`",
+            file=sys.stderr,
+        )
+        return
     if not quiet:
         print(f"applying {pending} migration(s) to the embedded database under var/ ...", file=sys.stderr)
     call_command("migrate", interactive=False, verbosity=0)

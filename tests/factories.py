@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from PIL import Image
@@ -75,3 +77,23 @@ def rows_digest() -> dict[str, str]:
             n, digest = cur.fetchone()
             out[table] = f"{n}:{digest}"
     return out
+
+
+@contextmanager
+def broker_unreachable() -> Iterator[None]:
+    """The real Celery publisher pointed at a socket nothing listens on, for the block. The app's
+    references to its pools are dropped (kombu keeps the real pool, keyed by its URL, for after)."""
+    from config.celery import app
+
+    old = app.conf.broker_url
+    app._pool = None
+    app.amqp._producer_pool = None
+    app.conf.broker_url = "redis+socket:///nonexistent/redis.sock"
+    app.conf.broker_connection_retry = False
+    try:
+        yield
+    finally:
+        app._pool = None
+        app.amqp._producer_pool = None
+        app.conf.broker_url = old
+        app.conf.broker_connection_retry = True

@@ -58,11 +58,18 @@ def _unreachable(exc: BaseException) -> bool:
 
 
 def _unavailable_body(exc: BaseException) -> dict[str, Any]:
-    what = "the database" if isinstance(exc, OperationalError | InterfaceError) else "the task broker"
+    if isinstance(exc, OperationalError | InterfaceError):
+        # SQLSTATE class 08 (or none: the connection never opened) is the connection itself; the
+        # rest of OperationalError is a busy database (deadlock, timeout, serialization failure).
+        sqlstate = getattr(getattr(exc.__cause__, "diag", None), "sqlstate", None) or ""
+        state = "unreachable" if not sqlstate or sqlstate.startswith("08") else "busy"
+        what = f"the database is {state}"
+    else:
+        what = "the task broker is unreachable"
     return {
         "error": {
             "code": Unavailable.code,
-            "message": f"{what} is unreachable; nothing was changed, retry in a few seconds",
+            "message": f"{what}; retry in a few seconds",
             "details": {"retry_after": Unavailable.retry_after},
         }
     }

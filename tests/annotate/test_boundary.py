@@ -22,7 +22,7 @@ from django.db import connection
 
 from annotate import services
 from annotate.models import Assignment, DatasetSnapshot, Judgment, Sample
-from tests.factories import client_for, png_bytes, rows_digest
+from tests.factories import broker_unreachable, client_for, png_bytes, rows_digest
 
 pytestmark = pytest.mark.django_db
 
@@ -68,6 +68,10 @@ SURROGATE_BODY = b'{"assignment": 1, "rationale": "\\ud800"}'
         ("artifacts", [{"sample": 1, "note": NUL}]),
         ("artifacts", [{"sample": 2**70}]),
         ("assignment", 2**64),
+        ("assignment", "9" * 30),
+        ("ranking", ["\u00b2"]),  # "²".isdigit() is True; int("²") raises
+        ("artifacts", [{"sample": "\u00b2"}]),
+        ("artifacts", [{"sample": "9" * 30}]),
         ("time_spent_ms", -(2**63) - 1),
     ],
 )
@@ -151,6 +155,7 @@ def test_media_upload_form_fields_refuse_nul(manager: Any, make_project: Any) ->
         {"prompt": NUL},
         {"prompt": "p", "generator": NUL},
         {"prompt": "p", "metadata": '{"a": "\\u0000"}'},
+        {"prompt": "p", "metadata": "[" * 100_000},  # RecursionError in json.loads
     ):
         r = client_for(manager).post(
             "/api/projects/med/samples/",
@@ -169,6 +174,8 @@ def test_snapshot_name_and_query_string_refusals(manager: Any, make_project: Any
     _refused(c.post("/api/projects/snap/snapshots/", {"name": "n" * 201}, format="json"))
     _refused(c.get("/api/projects/snap/export/?since=%00"))
     _refused(c.get("/api/projects/snap/export/?aspect=a%00b"))
+    _refused(c.get("/api/projects/snap/export/?generator_versions=%C2%B2"))  # "²"
+    _refused(c.post("/api/projects/snap/snapshots/", {"generator_versions": "\u00b2"}, format="json"))
     assert rows_digest() == before
 
 
@@ -238,13 +245,24 @@ def test_csv_manifest_cells_are_checked(manager: Any, make_project: Any) -> None
 
 def test_manifest_past_65535_rows_imports(manager: Any, make_project: Any) -> None:
     """One dedupe query per batch: a single IN over every row passed PostgreSQL's 65,535-parameter
-    limit and failed the whole import."""
-    make_project("big", modality="text")
-    n = 66_000
-    manifest = "".join(json.dumps({"prompt": f"p{i % 100}", "text": f"t{i}"}) + "\n" for i in range(n))
+    limit and failed the whole import. 66,000 rows, most of them already stored (inserted here in
+    SQL, so the test is quick), the rest new."""
+    project = make_project("big", modality="text")
+    prompt = services.prompt_get_or_create(project=project, text="p")
+    n, stored = 66_000, 65_700
+    with connection.cursor() as cur:
+        cur.execute(
+            """INSERT INTO annotate_sample (project_id, prompt_id, modality, media, mime_type, text,
+                   content_hash, byte_size, metadata, created_at)
+               SELECT %s, %s, 'text', '', 'text/markdown', 't' || i,
+                      encode(sha256(convert_to('t' || i, 'UTF8')), 'hex'), length('t' || i), '{}', now()
+               FROM generate_series(0, %s) AS i""",
+            [project.id, prompt.id, stored - 1],
+        )
+    manifest = "".join(json.dumps({"prompt": "p", "text": f"t{i}"}) + "\n" for i in range(n))
     r = _import(client_for(manager), "big", _zip({"manifest.jsonl": manifest.encode()}))
     assert r.status_code == 201, r.content[:300]
-    assert r.json()["created"] == n
+    assert (r.json()["rows"], r.json()["duplicates"], r.json()["created"]) == (n, stored, n - stored)
     assert Sample.objects.filter(project__slug="big").count() == n
 
 
@@ -343,18 +361,9 @@ def test_failed_imports_leave_no_import_user(manager: Any) -> None:
 
 @pytest.mark.django_db(transaction=True)  # the build is queued on commit
 def test_snapshot_with_the_broker_down_is_a_503_and_leaves_no_row(manager: Any, make_project: Any) -> None:
-    from config.celery import app
-
     make_project("down")
     c: Any = client_for(manager)
-    old = app.conf.broker_url
-    app.pool.force_close_all()
-    app._pool = None
-    app.amqp._producer_pool = None
-    # Nothing listens on this socket: the real Celery publisher cannot reach a broker.
-    app.conf.broker_url = "redis+socket:///nonexistent/redis.sock"
-    app.conf.broker_connection_retry = False
-    try:
+    with broker_unreachable():
         before = rows_digest()
         r = c.post("/api/projects/down/snapshots/", {"schema": "raw"}, format="json")
         error = _refused(r, 503)
@@ -362,12 +371,6 @@ def test_snapshot_with_the_broker_down_is_a_503_and_leaves_no_row(manager: Any, 
         assert r["Retry-After"] == "5"
         assert rows_digest() == before
         assert DatasetSnapshot.objects.count() == 0
-    finally:
-        app.pool.force_close_all()
-        app._pool = None
-        app.amqp._producer_pool = None
-        app.conf.broker_url = old
-        app.conf.broker_connection_retry = True
 
 
 @pytest.mark.django_db(transaction=True)

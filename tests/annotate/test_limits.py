@@ -384,6 +384,28 @@ def test_source_follows_authentication(
 
 
 # --- 4. upload size from Content-Length, before the body ----------------------------------------
+def _headers_only_post(live_server: Any, path: str, auth_header: str, length: int) -> tuple[bytes, bytes]:
+    """A real HTTP POST that claims ``length`` bytes and sends none: (status line + headers, body)
+    of the answer. The read times out (and the test fails) if the server waits for the body."""
+    url = urlparse(live_server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: {url.hostname}\r\n{auth_header}\r\n"
+                "Content-Type: multipart/form-data; boundary=xyz\r\n"
+                f"Content-Length: {length}\r\n\r\n"
+            ).encode()
+        )
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head, body
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("endpoint", ["imports/samples/", "imports/preferences/?format=trl", "samples/"])
 def test_upload_refused_from_its_content_length(live_server: Any, manager: Any, endpoint: str) -> None:
@@ -394,23 +416,9 @@ def test_upload_refused_from_its_content_length(live_server: Any, manager: Any, 
     services.project_create(creator=manager, slug="big", name="Big")
     token = Token.objects.create(user=manager).key
     limit = django_settings.RL_MAX_UPLOAD_BYTES
-    url = urlparse(live_server.url)
-    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
-        sock.sendall(
-            (
-                f"POST /api/projects/big/{endpoint} HTTP/1.1\r\nHost: {url.hostname}\r\n"
-                f"Authorization: Token {token}\r\n"
-                "Content-Type: multipart/form-data; boundary=xyz\r\n"
-                f"Content-Length: {limit + 1}\r\n\r\n"
-            ).encode()
-        )
-        reply = b""
-        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
-            chunk = sock.recv(65536)  # times out (fails) if the server waits for the body
-            if not chunk:
-                break
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
+    head, body = _headers_only_post(
+        live_server, f"/api/projects/big/{endpoint}", f"Authorization: Token {token}", limit + 1
+    )
     assert head.startswith(b"HTTP/1.1 413 "), head
     assert json.loads(body) == {
         "error": {
@@ -420,6 +428,24 @@ def test_upload_refused_from_its_content_length(live_server: Any, manager: Any, 
         }
     }
     assert Sample.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_upload_refused_from_its_content_length_for_a_browser_session(live_server: Any, manager: Any) -> None:
+    """The same for a logged-in browser: the CSRF check of a session request reads the whole body
+    before any view runs, so the limit is checked first, in the middleware."""
+    from django.test import Client
+
+    services.project_create(creator=manager, slug="bigs", name="Big")
+    browser = Client()
+    browser.force_login(manager)
+    session = browser.cookies["sessionid"].value
+    limit = django_settings.RL_MAX_UPLOAD_BYTES
+    head, body = _headers_only_post(
+        live_server, "/api/projects/bigs/imports/samples/", f"Cookie: sessionid={session}", limit + 1
+    )
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert json.loads(body)["error"]["code"] == "too_large"
 
 
 def test_content_length_that_is_no_number(manager: Any, make_project: Any) -> None:
@@ -555,3 +581,34 @@ def test_long_headerless_webm_upload_is_refused(settings: Any, manager: Any, mak
         "details": {},
     }
     assert Sample.objects.count() == 0
+
+
+def test_a_simulated_submit_stays_one_statement(annotator: Any, make_project: Any, text_pairs: Any) -> None:
+    """The group check is remembered with the cached token user: after the first submit, a
+    simulated annotator's submit is the one labeling statement, like anyone else's."""
+    project = make_project("simq", annotators=(annotator,))
+    text_pairs(project, n=3)
+    annotator.groups.add(Group.objects.create(name=Judgment.SIMULATED_GROUP))
+    c = client_for(annotator)
+    leases = c.get("/api/projects/simq/next/?n=3").json()["items"]
+    r = _submit(c, "simq", leases[0]["assignment"], source="simulated")
+    assert r.status_code == 201, r.content
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as simulated:
+        r = _submit(c, "simq", leases[1]["assignment"], source="simulated")
+    assert r.status_code == 201, r.content
+    with CaptureQueriesContext(connection) as plain:
+        r = _submit(c, "simq", leases[2]["assignment"])
+    assert r.status_code == 201, r.content
+    # Inside the test's transaction the statement is wrapped in a savepoint: compare, not count.
+    assert [q["sql"].split()[0] for q in simulated.captured_queries] == [
+        q["sql"].split()[0] for q in plain.captured_queries
+    ]
+    assert sum("rl_submit" in q["sql"] for q in plain.captured_queries) == 1
+    assert list(Judgment.objects.order_by("id").values_list("source", flat=True)) == [
+        "simulated",
+        "simulated",
+        "api",
+    ]

@@ -11,7 +11,7 @@ import pytest
 from annotate import services as annotate_services
 from annotate.models import ProjectMember
 from rewards.models import RewardTrainingJob
-from tests.factories import client_for, rows_digest
+from tests.factories import broker_unreachable, client_for, rows_digest
 from tests.rewards.helpers import brighter, image_project, simulate
 from tests.rewards.ml.tiny_models import save_tiny_clip
 
@@ -67,16 +67,8 @@ def test_non_staff_managers_name_only_registered_encoders(
 
 @pytest.mark.django_db(transaction=True)  # the job is queued on commit
 def test_launch_with_the_broker_down_leaves_no_job(judged: Any, manager: Any, clip_dir: Path) -> None:
-    from config.celery import app
-
     c = client_for(manager)
-    old = app.conf.broker_url
-    app.pool.force_close_all()
-    app._pool = None
-    app.amqp._producer_pool = None
-    app.conf.broker_url = "redis+socket:///nonexistent/redis.sock"
-    app.conf.broker_connection_retry = False
-    try:
+    with broker_unreachable():
         before = rows_digest()
         r = c.post(
             f"/api/projects/{judged.slug}/reward-jobs/",
@@ -91,9 +83,3 @@ def test_launch_with_the_broker_down_leaves_no_job(judged: Any, manager: Any, cl
         after = rows_digest()
         assert {t: v for t, v in after.items() if v != before[t]} == {}
         assert RewardTrainingJob.objects.count() == 0
-    finally:
-        app.pool.force_close_all()
-        app._pool = None
-        app.amqp._producer_pool = None
-        app.conf.broker_url = old
-        app.conf.broker_connection_retry = True
