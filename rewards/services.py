@@ -685,6 +685,11 @@ def reward_job_create(
     config = reward_hyperparameters_resolve(
         kind, dict(rc.hyperparameters or {}) | dict(hyperparameters or {}), device
     )
+    # Cheap refusals first: the encoder check may build the built-in encoder (torch) on first use.
+    if not Judgment.objects.filter(project=project).exists():
+        raise Invalid(
+            f"project {project.slug!r} has no judgments yet: nothing to train on", code="no_judgments"
+        )
     if encoder_path and not getattr(actor, "is_staff", False) and not _encoder_known(encoder_path):
         # A server path is the staff's to choose: a manager who could name any directory would
         # learn which ones exist from the errors. Managers pick among registered encoders.
@@ -713,10 +718,6 @@ def reward_job_create(
             raise Invalid("a reward job trains on a raw snapshot (schema=raw, aggregate=none)")
         if snapshot.status == DatasetSnapshot.Status.FAILED:
             raise Invalid(f"snapshot {snapshot.id} failed to build: {snapshot.error}")
-    if not Judgment.objects.filter(project=project).exists():
-        raise Invalid(
-            f"project {project.slug!r} has no judgments yet: nothing to train on", code="no_judgments"
-        )
     comparison, gold = _pairs_expected(project, snapshot)
     train_idx, held_idx = _split_indices(project.id, comparison, gold, holdout)
     _split_check(kind=kind, total=len(comparison), train=len(train_idx), held=len(held_idx), holdout=holdout)
