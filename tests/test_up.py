@@ -75,10 +75,19 @@ def _stop(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+def _cmdline(p: psutil.Process) -> str:
+    """The command line, or "" for a process that has just exited (a recycled worker is a zombie
+    until the master reaps it: it serves nothing, so it is no worker)."""
+    try:
+        return " ".join(p.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return ""
+
+
 def _web_workers(var_dir: Path, port: int) -> set[int]:
-    """pids of gunicorn's worker processes (the master's children)."""
-    masters = [p for p in _tree_processes(var_dir, port) if "gunicorn" in " ".join(p.cmdline())]
-    return {c.pid for m in masters for c in m.children() if "gunicorn" in " ".join(c.cmdline())}
+    """pids of gunicorn's live worker processes (the master's children)."""
+    masters = [p for p in _tree_processes(var_dir, port) if "gunicorn" in _cmdline(p)]
+    return {c.pid for m in masters for c in m.children() if "gunicorn" in _cmdline(c)}
 
 
 def test_up_serves_runs_worker_and_stops_cleanly() -> None:
