@@ -434,24 +434,15 @@ def test_commands_on_a_fresh_checkout_migrate_the_embedded_database(tmp_path: Pa
     env["RL_VAR_DIR"] = str(tmp_path / "var")
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
-    try:
-        run = subprocess.run(
-            [
-                sys.executable,
-                "manage.py",
-                "import_preferences",
-                "--format",
-                "trl",
-                "--project",
-                "x",
-                str(data),
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
+
+    def import_preferences() -> subprocess.CompletedProcess[str]:
+        command = ["manage.py", "import_preferences", "--format", "trl", "--project", "x", str(data)]
+        return subprocess.run(
+            [sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
         )
+
+    try:
+        run = import_preferences()
         assert run.returncode == 1, run.stderr
         assert "Traceback" not in run.stderr and "does not exist" not in run.stderr, run.stderr
         assert "applying" in run.stderr and "migration" in run.stderr
@@ -474,23 +465,7 @@ def test_commands_on_a_fresh_checkout_migrate_the_embedded_database(tmp_path: Pa
             capture_output=True,
             timeout=120,
         )
-        run = subprocess.run(
-            [
-                sys.executable,
-                "manage.py",
-                "import_preferences",
-                "--format",
-                "trl",
-                "--project",
-                "x",
-                str(data),
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        run = import_preferences()
         assert run.returncode == 0, run.stderr
         assert run.stdout.startswith("1 rows into x: 1 judgments")
     finally:
