@@ -6,6 +6,7 @@ stay right once PostgreSQL switches to its cached generic plans."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from datetime import datetime
 from typing import Any
 
@@ -265,3 +266,53 @@ def test_replay_with_next_returns_the_first_judgment_and_the_leases(
     assert second.json() == first.json()
     assert Judgment.objects.filter(project=project).count() == 1
     assert Assignment.objects.filter(project=project).count() == 2
+
+
+def _functions(schema: str) -> dict[str, tuple[Any, ...]]:
+    with connection.cursor() as cur:
+        cur.execute(
+            """SELECT p.proname, pg_get_function_arguments(p.oid), pg_get_function_result(p.oid),
+                      p.prosrc, p.proconfig, l.lanname
+                 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                 JOIN pg_language l ON l.oid = p.prolang
+                WHERE n.nspname = %s AND p.proname LIKE 'rl\\_%%'""",
+            [schema],
+        )
+        rows = cur.fetchall()
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def test_installed_functions_equal_the_source_file() -> None:
+    """The migrations installed exactly the functions of annotate/sql/labeling.sql: the source,
+    loaded into a scratch schema, gives the same names, signatures, bodies and settings."""
+    source = (Path(__file__).parents[2] / "annotate" / "sql" / "labeling.sql").read_text(encoding="utf-8")
+    installed = _functions("public")
+    with transaction.atomic():
+        with connection.cursor() as cur:
+            cur.execute("CREATE SCHEMA rl_source_check")
+            cur.execute("SET LOCAL search_path = rl_source_check, public")
+            cur.execute(source, None)
+        from_source = _functions("rl_source_check")
+        transaction.set_rollback(True)
+    assert sorted(from_source) == [
+        "rl_enter",
+        "rl_fail",
+        "rl_judgment_json",
+        "rl_leases",
+        "rl_map_choice",
+        "rl_next",
+        "rl_next_leases",
+        "rl_payload",
+        "rl_submit",
+    ]
+    assert sorted(installed) == sorted(from_source)
+    for name, definition in from_source.items():
+        assert installed[name] == definition, f"{name} differs from annotate/sql/labeling.sql: add a migration"
+
+
+def test_latest_migration_copy_is_the_source() -> None:
+    """Editing the source without a migration that loads a copy of it is caught here too."""
+    root = Path(__file__).parents[2] / "annotate"
+    copies = sorted((root / "migrations" / "sql").glob("*_labeling.sql"))
+    assert copies, "no versioned copy of the labeling functions"
+    assert copies[-1].read_text(encoding="utf-8") == (root / "sql" / "labeling.sql").read_text(encoding="utf-8")
