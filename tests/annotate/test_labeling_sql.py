@@ -6,8 +6,8 @@ stay right once PostgreSQL switches to its cached generic plans."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -307,7 +307,9 @@ def test_installed_functions_equal_the_source_file() -> None:
     ]
     assert sorted(installed) == sorted(from_source)
     for name, definition in from_source.items():
-        assert installed[name] == definition, f"{name} differs from annotate/sql/labeling.sql: add a migration"
+        assert installed[name] == definition, (
+            f"{name} differs from annotate/sql/labeling.sql: add a migration"
+        )
 
 
 def test_latest_migration_copy_is_the_source() -> None:
@@ -315,4 +317,6 @@ def test_latest_migration_copy_is_the_source() -> None:
     root = Path(__file__).parents[2] / "annotate"
     copies = sorted((root / "migrations" / "sql").glob("*_labeling.sql"))
     assert copies, "no versioned copy of the labeling functions"
-    assert copies[-1].read_text(encoding="utf-8") == (root / "sql" / "labeling.sql").read_text(encoding="utf-8")
+    assert copies[-1].read_text(encoding="utf-8") == (root / "sql" / "labeling.sql").read_text(
+        encoding="utf-8"
+    )
