@@ -189,3 +189,23 @@ def comparisons_stuck_counts(*, slugs: Sequence[str]) -> dict[str, int]:
 
 def judgments_for_comparison(*, comparison: Comparison) -> QuerySet[Judgment]:
     return Judgment.objects.filter(comparison=comparison).order_by("created_at")
+
+
+def comparisons_open_pairs(*, project_id: int, created_after: Any = None) -> list[tuple[int, int, int]]:
+    """The open, non-gold pairwise comparisons of a project (those active learning reorders), as
+    (comparison id, lower sample id, higher sample id); only those created after
+    ``created_after`` when it is given."""
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            SELECT c.id, min(cs.sample_id), max(cs.sample_id)
+            FROM annotate_comparison c JOIN annotate_comparisonsample cs ON cs.comparison_id = c.id
+            WHERE c.project_id = %s AND c.status = 'open' AND NOT c.is_gold
+              AND (%s::timestamptz IS NULL OR c.created_at > %s::timestamptz)
+            GROUP BY c.id HAVING count(*) = 2
+            """,
+            [project_id, created_after, created_after],
+        )
+        return [(int(r[0]), int(r[1]), int(r[2])) for r in cur.fetchall()]

@@ -22,6 +22,7 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from annotate import tasks
 from annotate.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError, TooLarge, Unavailable
 from annotate.media import MediaError, MediaInfo, MediaTooLarge, inspect_media, inspect_text
 from annotate.models import (
@@ -776,10 +777,8 @@ def snapshot_create(
         snapshot_build(snapshot_id=snap.id)
         snap.refresh_from_db()
     elif dispatch:
-        from annotate.tasks import build_snapshot
-
         task_dispatch(
-            build_snapshot, snap.id, undo=lambda: DatasetSnapshot.objects.filter(id=snap.id).delete()
+            tasks.build_snapshot, snap.id, undo=lambda: DatasetSnapshot.objects.filter(id=snap.id).delete()
         )
     return snap
 
@@ -859,3 +858,25 @@ def snapshot_build(*, snapshot_id: int, progress: Any = None) -> DatasetSnapshot
     )
     snap.refresh_from_db()
     return snap
+
+
+# --- Priorities (written by the reward models' active learning) --------------------------------
+def comparison_priorities_set(*, project_id: int, priorities: Sequence[tuple[int, float]]) -> int:
+    """Set the priority of open comparisons of a project (``next`` serves the highest first), as
+    (comparison id, priority) pairs; comparisons no longer open, or of another project, are left
+    alone. Returns how many rows changed. This is how other apps (rewards' active learning)
+    reorder the queue: they never write annotate's tables themselves."""
+    if not priorities:
+        return 0
+    ids = [int(c) for c, _ in priorities]
+    values = [round(float(p), 6) for _, p in priorities]
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            UPDATE annotate_comparison c SET priority = v.p
+            FROM unnest(%s::bigint[], %s::float8[]) AS v(id, p)
+            WHERE c.id = v.id AND c.project_id = %s AND c.status = 'open'
+            """,
+            [ids, values, project_id],
+        )
+        return cur.rowcount

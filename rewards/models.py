@@ -15,14 +15,9 @@ from django.db import models
 from django.db.models import Q
 
 from annotate.models import DatasetSnapshot, Project, Prompt, Sample
+from rewards.ml.names import KINDS
 
-KIND_CHOICES = [
-    ("bt", "Bradley-Terry head"),
-    ("aspects", "Multi-aspect heads"),
-    ("ensemble", "Ensemble of BT heads (uncertainty)"),
-    ("artifact", "Artifact classifier"),
-    ("finetune", "Encoder fine-tuning (last layers or LoRA) + BT head"),
-]
+KIND_CHOICES = list(KINDS.items())  # the one list of kinds: rewards/ml/names.py
 
 
 class Encoder(models.Model):

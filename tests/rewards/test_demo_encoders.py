@@ -127,11 +127,11 @@ def test_a_real_encoder_directory_replaces_the_builtin_default(
     )
     clip = save_tiny_clip(tmp_path / "clip")
     with override_settings(RL_DEFAULT_MEDIA_ENCODER=str(clip)):
-        assert services._default_encoder_path(project) == str(clip)
+        assert services.encoder_default_path(project) == str(clip)
     with (
         override_settings(RL_DEFAULT_MEDIA_ENCODER=""),
         pytest.raises(Invalid, match="no encoder configured"),
     ):
-        services._default_encoder_path(project)
+        services.encoder_default_path(project)
     with override_settings(RL_DEFAULT_MEDIA_ENCODER="builtin"):
-        assert Path(services._default_encoder_path(project)).name == builtin_encoder.NAME
+        assert Path(services.encoder_default_path(project)).name == builtin_encoder.NAME

@@ -16,6 +16,7 @@ from annotate.management.acting import acting_user
 from annotate.models import DatasetSnapshot
 from annotate.selectors import project_get
 from rewards import services
+from rewards.ml.names import KINDS
 from rewards.models import RewardModelVersion, RewardTrainingJob
 
 
@@ -31,7 +32,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--project", required=True)
-        parser.add_argument("--kind", choices=["bt", "aspects", "ensemble", "artifact", "finetune"])
+        parser.add_argument("--kind", choices=list(KINDS))
         parser.add_argument(
             "--encoder", help="local encoder directory (default: the project's reward config)"
         )
