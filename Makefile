@@ -44,6 +44,7 @@ chromium:
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	RL_SKIP_EMBEDDED_START=1 $(BIN)/lint-imports
 
 typecheck: install
 	RL_SKIP_EMBEDDED_START=1 $(BIN)/mypy .

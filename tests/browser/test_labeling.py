@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from django.contrib.auth import get_user_model
 
-from annotate import demo_media, services
+from annotate import services
 from annotate.models import Judgment, ProjectMember
+from simulate import generators as demo_media
 from tests.factories import mp4_bytes, png_bytes
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]

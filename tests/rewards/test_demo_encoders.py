@@ -15,12 +15,12 @@ from django.core.management import call_command
 from django.test import override_settings
 from PIL import Image
 
-from annotate import demo_media
 from annotate.models import Project, Sample
 from rewards import services
 from rewards.ml import builtin_encoder
 from rewards.ml.encoders import inspect_encoder, load_encoder
 from rewards.models import Encoder, RewardModelVersion, SampleEmbedding
+from simulate import generators as demo_media
 from tests.rewards.helpers import simulate
 
 

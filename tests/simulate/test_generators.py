@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from annotate.demo_media import DEMO_PROMPTS, compose_text, draw_image, render_clip
+from simulate.generators import DEMO_PROMPTS, compose_text, draw_image, render_clip
 
 IMAGE_PROMPT = "a red circle above a green mountain at sunset"
 CLIP_PROMPT = "a red ball bouncing on a blue floor"

@@ -11,8 +11,9 @@ from django.core.management.base import BaseCommand, CommandParser
 from django.db.models.functions import Random
 from tqdm import tqdm
 
-from annotate import demo_media, services
+from annotate import services
 from annotate.models import Comparison, Project, ProjectMember
+from simulate import generators as demo_media
 
 INSTRUCTIONS = """\
 # How to judge
