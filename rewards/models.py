@@ -42,23 +42,35 @@ class Encoder(models.Model):
 
 
 class SampleEmbedding(models.Model):
-    """A sample's vectors under one encoder: ``count`` x ``dim`` float16, row-major (one vector for an
-    image or a text, one per decoded frame for a video)."""
+    """A sample's vectors under one encoder and input form: ``count`` x ``dim`` float16, row-major (one
+    vector for an image or a text, one per decoded frame for a video).
+
+    ``input`` says what was embedded: the sample alone (``response``), or for a text sample under a
+    sentence encoder its prompt and text together as one text pair (``joint``, the heads' and finetune's
+    ``text_input="joint"``). The two differ, so each form is cached apart."""
+
+    class Input(models.TextChoices):
+        RESPONSE = "response", "the sample alone"
+        JOINT = "joint", "prompt and text sample together (text pair)"
 
     sample = models.ForeignKey(Sample, on_delete=models.CASCADE, related_name="embeddings")
     encoder = models.ForeignKey(Encoder, on_delete=models.CASCADE, related_name="+")
+    input = models.CharField(max_length=10, choices=Input.choices, default=Input.RESPONSE)
     count = models.PositiveSmallIntegerField(default=1)
     vectors = models.BinaryField()
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["encoder", "sample"], name="sample_embedding_once"),
+            models.UniqueConstraint(fields=["encoder", "sample", "input"], name="sample_embedding_once"),
             models.CheckConstraint(condition=Q(count__gte=1), name="sample_embedding_count_positive"),
+            models.CheckConstraint(
+                condition=Q(input__in=["response", "joint"]), name="sample_embedding_input_known"
+            ),
         ]
 
     def __str__(self) -> str:
-        return f"embedding of sample {self.sample_id} under encoder {self.encoder_id}"
+        return f"{self.input} embedding of sample {self.sample_id} under encoder {self.encoder_id}"
 
 
 class PromptEmbedding(models.Model):

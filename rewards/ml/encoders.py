@@ -424,6 +424,70 @@ class Encoder:
             out[start : start + len(batch)] = self._embed_text_batch(batch)
         return out
 
+    def embed_text_pairs(
+        self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 64
+    ) -> np.ndarray:
+        """``(N, D)`` L2-normalised joint embeddings of (prompt, response) pairs, cross-encoder style: the
+        tokenizer's text-pair template (``[CLS] prompt [SEP] response [SEP]`` for BERT), mean-pooled over
+        all real tokens, so every token of the response attends to the prompt.
+
+        Too long a pair is cut at token boundaries keeping the END of the prompt (the turn the response
+        answers) and the whole response when they fit (``pair_token_budget``): the response may take all
+        but a quarter of the room, the prompt gets the rest. Sentence encoders (family ``text``) only."""
+        if self.info.family != "text":
+            raise EncoderError(f"{self.info.path}: a {self.info.family} encoder cannot embed text pairs")
+        if len(prompts) != len(responses):
+            raise EncoderError(f"{len(prompts)} prompts for {len(responses)} responses")
+        out = np.zeros((len(prompts), self.info.dim), dtype=np.float32)
+        for start in range(0, len(prompts), batch_size):
+            firsts, seconds = self._cut_pairs(
+                list(prompts[start : start + batch_size]), list(responses[start : start + batch_size])
+            )
+            encoded = self.tokenizer(
+                firsts,
+                seconds,
+                padding=True,
+                # The cut pairs fit; this only guards against a re-tokenisation that differs by a token.
+                truncation="longest_first",
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            with torch.inference_mode():
+                out[start : start + len(firsts)] = _normalised(self._mean_pooled(encoded))
+        return out
+
+    def _cut_pairs(self, prompts: list[str], responses: list[str]) -> tuple[list[str], list[str]]:
+        """Prompts cut to their last tokens and responses to their first, so each pair fits
+        ``max_length`` with the pair template's special tokens. Cutting the strings at token offsets (not
+        the token ids) lets the tokenizer apply its own pair template afterwards."""
+        budget = self.max_length - int(self.tokenizer.num_special_tokens_to_add(pair=True))
+        # Only counted and cut here, never fed to the model: no warning about their length.
+        p_enc = self.tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        r_enc = self.tokenizer(
+            responses, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+        )
+        firsts: list[str] = []
+        seconds: list[str] = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            p_off, r_off = p_enc["offset_mapping"][i], r_enc["offset_mapping"][i]
+            keep_p, keep_r = pair_token_budget(len(p_off), len(r_off), budget)
+            if keep_p < len(p_off):
+                prompt = prompt[p_off[len(p_off) - keep_p][0] :] if keep_p else ""
+            if keep_r < len(r_off):
+                response = response[: r_off[keep_r - 1][1]] if keep_r else ""
+            firsts.append(prompt)
+            seconds.append(response)
+        return firsts, seconds
+
+    def _mean_pooled(self, encoded: Any) -> torch.Tensor:
+        """Sentence-transformers pooling of a sentence encoder: the mean of the last hidden states over
+        real (unmasked) tokens."""
+        inputs = self._to_device(encoded)
+        # Sum in float32: a float16 sum over hundreds of tokens can overflow.
+        hidden = self.model(**inputs).last_hidden_state.float()
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
     def _embed_text_batch(self, texts: list[str]) -> np.ndarray:
         family = self.info.family
         # SigLIP was trained on texts padded to max_length and pools the last position, so padding
@@ -434,12 +498,7 @@ class Encoder:
         )
         with torch.inference_mode():
             if family == "text":
-                inputs = self._to_device(encoded)
-                # Sum in float32: a float16 sum over hundreds of tokens can overflow.
-                hidden = self.model(**inputs).last_hidden_state.float()
-                # Mean over real tokens only, as sentence-transformers does.
-                mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                features = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                features = self._mean_pooled(encoded)
             else:
                 # The text towers take no token_type_ids, which a BERT-style tokenizer adds.
                 names = ("input_ids", "attention_mask")
@@ -483,6 +542,14 @@ class Encoder:
             name: value.to(self.device, dtype=self.dtype if value.is_floating_point() else None)
             for name, value in inputs.items()
         }
+
+
+def pair_token_budget(prompt_tokens: int, response_tokens: int, budget: int) -> tuple[int, int]:
+    """How many prompt tokens (from its end) and response tokens (from its start) a joint input of
+    ``budget`` tokens keeps: the whole response when it fits beside the prompt's last quarter of the
+    budget (or the whole prompt, if shorter), the rest of the room for the prompt."""
+    response = min(response_tokens, budget - min(prompt_tokens, budget // 4))
+    return min(prompt_tokens, budget - response), response
 
 
 def _normalised(features: Any) -> np.ndarray:

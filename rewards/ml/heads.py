@@ -8,9 +8,11 @@ cost little more than one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -307,3 +309,189 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# --- regularisation that adapts to the data size: inner validation split, L2, early stopping, temperature
+
+
+def inner_split(
+    n: int, groups: np.ndarray | None, *, fraction: float, min_pairs: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(fit, validation)`` of ``n`` training pairs: about ``fraction`` of them set aside as an
+    inner validation split for early stopping and the temperature (never the job's held-out pairs).
+
+    Whole ``groups`` (the pairs' comparisons; None: every pair its own) go to one side, so two votes on one
+    comparison never straddle the split; deterministic in ``seed``. When ``fraction`` is 0 or either side
+    would have fewer than ``min_pairs`` pairs, every pair fits and the validation side is empty (then the
+    L2 penalty alone regularises and the temperature stays 1). The same rule as the finetune kind's
+    ``rewards.ml.finetune.common.inner_split``."""
+    everything = np.arange(n)
+    wanted = round(fraction * n)
+    if fraction <= 0 or wanted < min_pairs or n - wanted < min_pairs:
+        return everything, everything[:0]
+    keys = np.arange(n) if groups is None else np.asarray(groups)
+    unique, inverse = np.unique(keys, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.random.default_rng([seed, 0x5EED]).permutation(unique.size)
+    sizes = np.bincount(inverse, minlength=unique.size)[order]
+    # Whole groups in a random order until the validation side has its share.
+    held = np.isin(inverse, order[: int(np.searchsorted(np.cumsum(sizes), wanted)) + 1])
+    if held.sum() < min_pairs or (~held).sum() < min_pairs:
+        return everything, everything[:0]
+    return everything[~held], everything[held]
+
+
+# Measured on HH-RLHF harmless-base (bench/reward_quality.py): the L2 strength of the best logistic
+# regression there, expressed per pair. The penalty per pair shrinks as 1/n, as in a Bayesian posterior.
+AUTO_L2_PAIRS = 10.0
+
+
+def resolve_l2(l2: float | None, n_fit: int) -> float:
+    """``l2``, or when None the data-size default ``AUTO_L2_PAIRS / n_fit``."""
+    if l2 is not None:
+        return float(l2)
+    return AUTO_L2_PAIRS / max(1, n_fit)
+
+
+def l2_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of squares of the scorer's weight matrices (the parameters AdamW decays; biases, tie parameters
+    and attention queries are left alone), summed over heads like the losses."""
+    total: torch.Tensor | None = None
+    for name, param in model.named_parameters():
+        if name.startswith(("scorer.weights.", "scorer.out_weight")):
+            term = param.square().sum()
+            total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+@torch.no_grad()
+def pair_differences(
+    model: nn.Module, features: DeviceFeatures, a: torch.Tensor, b: torch.Tensor, *, batch_size: int = 8192
+) -> torch.Tensor:
+    """``(P, H)`` raw ``r_a - r_b`` of the pairs ``(a, b)`` in eval mode (no temperature), in chunks."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for start in range(0, a.shape[0], batch_size):
+            sa, sb = a[start : start + batch_size], b[start : start + batch_size]
+            x, mask, prompt = features.take(torch.cat([sa, sb]))
+            r_a, r_b = model(x, mask, prompt).split(sa.shape[0])
+            chunks.append(r_a - r_b)
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
+
+
+class BestWeights:
+    """Early stopping: remembers the weights of the evaluation with the lowest validation loss and says to
+    stop after ``patience`` evaluations without a better one (0: never stop early)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best = math.inf
+        self.best_epoch = 0
+        self.stale = 0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def update(self, loss: float, model: nn.Module, epoch: int) -> bool:
+        """Record the loss after ``epoch``; True when training should stop now."""
+        if loss < self.best - 1e-7 * max(1.0, abs(self.best)) or self.state is None:
+            self.best, self.best_epoch, self.stale = loss, epoch, 0
+            self.state = copy.deepcopy(model.state_dict())
+            return False
+        self.stale += 1
+        return self.patience > 0 and self.stale >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
+def fit_temperature(prob_at: Callable[[float], np.ndarray], y: np.ndarray, w: np.ndarray) -> float:
+    """The temperature T that minimises the weighted negative log-likelihood of decisive outcomes ``y``
+    (1 = a won) under ``prob_at(T)``, the probability that a wins with every reward divided by T.
+
+    One parameter, so a search does: a grid over log T in [log 0.05, log 20], then golden-section steps
+    around the best grid point. 1.0 when there is nothing to fit on."""
+    if y.size == 0 or w.sum() <= 0:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        p = np.clip(prob_at(math.exp(log_t)).astype(np.float64), 1e-12, 1 - 1e-12)
+        return float(-(w * np.where(y == 1, np.log(p), np.log1p(-p))).sum() / w.sum())
+
+    grid = np.linspace(math.log(0.05), math.log(20.0), 41)
+    losses = [nll(float(g)) for g in grid]
+    i = int(np.argmin(losses))
+    lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fc, fd = nll(c), nll(d)
+    for _ in range(40):
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - ratio * (hi - lo)
+            fc = nll(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + ratio * (hi - lo)
+            fd = nll(d)
+    best = (lo + hi) / 2
+    # The grid point wins if the refinement (on a flat or odd curve) did not beat it.
+    return math.exp(best if nll(best) <= losses[i] else float(grid[i]))
+
+
+def head_temperatures(
+    d: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    tie_param: torch.Tensor,
+    ties: str,
+    *,
+    shared: bool,
+) -> torch.Tensor:
+    """``(H,)`` temperatures from validation ``d = r_a - r_b`` ``(P, H)``, targets and weights ``(P, H)``:
+    per head on its decisive pairs, or with ``shared`` one for all heads fitted on the heads' mean
+    probability (an ensemble's prediction)."""
+    d64, tie64 = d.double().cpu(), tie_param.detach().double().cpu()
+    target_np, weight_np = target.cpu().numpy(), weight.double().cpu().numpy()
+
+    def probs(t: float) -> np.ndarray:
+        return torch.sigmoid(decisive_logit(d64 / t, tie64, ties)).numpy()
+
+    heads = d.shape[1]
+    if shared:
+        decisive = (target_np[:, 0] != 0) & (weight_np[:, 0] > 0)
+        y = (target_np[decisive, 0] == 1).astype(np.float64)
+        temp = fit_temperature(lambda t: probs(t)[decisive].mean(1), y, weight_np[decisive, 0])
+        return torch.full((heads,), temp)
+    out = torch.ones(heads)
+    for h in range(heads):
+        decisive = (target_np[:, h] != 0) & (weight_np[:, h] > 0)
+        y = (target_np[decisive, h] == 1).astype(np.float64)
+
+        def head_probs(t: float, h: int = h, m: np.ndarray = decisive) -> np.ndarray:
+            return probs(t)[m, h]
+
+        out[h] = fit_temperature(head_probs, y, weight_np[decisive, h])
+    return out
+
+
+def fit_summary(
+    model: nn.Module, best: BestWeights, fit_pairs: int, val_pairs: int, epochs_run: int, l2: float
+) -> dict[str, Any]:
+    """What training decided, for ``RewardModel.fit_summary`` (saved in config.json, shown with the
+    version's metrics): split sizes, epochs run, the epoch whose weights were kept, its inner-split loss,
+    the L2 strength and the temperatures."""
+    temperature = getattr(model, "temperature", None)
+    return {
+        "fit_pairs": int(fit_pairs),
+        "val_pairs": int(val_pairs),
+        "epochs_run": int(epochs_run),
+        "best_epoch": int(best.best_epoch) if val_pairs else int(epochs_run),
+        "val_loss": float(best.best) if val_pairs and math.isfinite(best.best) else None,
+        "l2": float(l2),
+        "temperature": [] if temperature is None else [float(t) for t in temperature],
+    }

@@ -79,6 +79,13 @@ class RewardModel(nn.Module):
         self.scorer = Scorer(in_dim, config["hidden"], config["hidden_layers"], n, config["dropout"])
         # log nu (Davidson) or log(theta - 1) (Rao-Kupper), one per head; unused for ties="none".
         self.tie_param = nn.Parameter(torch.zeros(n)) if self.pairwise else None
+        # Per head, fitted after training on the inner validation split (``heads.head_temperatures``): every
+        # output is divided by it before use, so probabilities come out calibrated. 1 = uncalibrated.
+        self.register_buffer("temperature", torch.ones(n))
+        # What training decided (best epoch, split sizes, L2, temperature); saved in config.json.
+        self.fit_summary: dict[str, Any] = {}
+
+    temperature: torch.Tensor
 
     @property
     def n_heads(self) -> int:
@@ -88,8 +95,18 @@ class RewardModel(nn.Module):
     def aspect_names(self) -> list[str]:
         return []
 
+    @torch.no_grad()
+    def set_temperature(self, temperature: torch.Tensor) -> None:
+        """Set the ``(H,)`` temperatures that scoring divides the head outputs by (all > 0)."""
+        if temperature.shape != (self.n_heads,) or not bool((temperature > 0).all()):
+            raise ValueError(
+                f"temperature must be {self.n_heads} positive values, got {temperature.tolist()}"
+            )
+        self.temperature.copy_(temperature.to(self.temperature))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
-        """Raw head outputs ``(N, H)`` of ``x (N, K, D)``, ``mask (N, K)``, ``prompt (N, D) | None``."""
+        """Raw head outputs ``(N, H)`` of ``x (N, K, D)``, ``mask (N, K)``, ``prompt (N, D) | None``, before
+        the temperature (what training optimises)."""
         return self.scorer(scorer_inputs(self.pool(x, mask), prompt if self.prompt_conditioned else None))
 
     def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
@@ -107,7 +124,8 @@ class RewardModel(nn.Module):
     def head_outputs(
         self, x: np.ndarray, mask: np.ndarray | None, prompt: np.ndarray | None, *, batch_size: int = 8192
     ) -> torch.Tensor:
-        """Raw head outputs ``(N, H)`` on the CPU, computed in eval mode in chunks of ``batch_size``."""
+        """Head outputs ``(N, H)`` on the CPU, computed in eval mode in chunks of ``batch_size`` and divided by
+        the temperature: what scoring, pair probabilities and metrics use."""
         if x.ndim != 3 or x.shape[2] != self.dim:
             raise ValueError(f"x must have shape (N, K, {self.dim}), got {x.shape}")
         n, k = x.shape[:2]
@@ -136,7 +154,7 @@ class RewardModel(nn.Module):
                 if self.prompt_conditioned:
                     assert prompt is not None
                     pb = torch.as_tensor(prompt[sl]).to(device=device, dtype=dtype)
-                chunks.append(self(xb, mb, pb).cpu())
+                chunks.append((self(xb, mb, pb) / self.temperature).cpu())
         finally:
             self.train(was_training)
         if not chunks:
@@ -234,6 +252,7 @@ class RewardModel(nn.Module):
             "k": self.k,
             "prompt_conditioned": self.prompt_conditioned,
             "curves": _json_safe(self.curves),
+            "fit_summary": _json_safe(self.fit_summary),
             "extra": _json_safe(extra if extra is not None else self.extra),
         }
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
@@ -341,9 +360,12 @@ def load_reward_model(directory: str | Path, *, device: str = "cpu") -> RewardMo
     )
     model.to(dtype=torch_dtype(config.get("dtype", "float32")))
     state = safetensors.torch.load_file(str(path / WEIGHTS_NAME), device="cpu")
+    # Saved before temperatures existed: uncalibrated, i.e. temperature 1.
+    state.setdefault("temperature", torch.ones(model.n_heads, dtype=model.temperature.dtype))
     model.load_state_dict(state, strict=True)
     model.to(device=torch.device(device))
     model.curves = list(meta.get("curves") or [])
+    model.fit_summary = dict(meta.get("fit_summary") or {})
     model.extra = dict(meta.get("extra") or {})
     model.eval()
     return model

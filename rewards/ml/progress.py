@@ -206,3 +206,18 @@ def check_pairwise(config: Any) -> None:
     check_choice("both_bad", config.both_bad, ("drop", "tie"))
     if config.both_bad == "tie" and config.ties == "none":
         raise ConfigError("both_bad", "'tie' needs a tie model (ties='davidson' or 'rao_kupper')")
+
+
+TEXT_INPUTS = ("joint", "response")
+
+
+def check_regularisation(config: Any) -> None:
+    """The fields of the frozen-feature pairwise kinds that adapt training to the data size, and the text
+    input form (bt, aspects, ensemble)."""
+    if config.l2 is not None:
+        check_float("l2", config.l2, lo=0.0, lo_inclusive=True, hi=100.0)
+    check_float("val_fraction", config.val_fraction, lo=0.0, lo_inclusive=True, hi=0.5)
+    check_int("min_val_pairs", config.min_val_pairs, 1, 1_000_000)
+    check_int("patience", config.patience, 0, 1000)
+    check_bool("calibrate", config.calibrate)
+    check_choice("text_input", config.text_input, TEXT_INPUTS)

@@ -25,7 +25,7 @@ from rewards.models import (
     RewardTrainingJob,
 )
 from rewards.services.config import reward_config_read
-from rewards.services.embeddings import embeddings_ensure, features_load
+from rewards.services.embeddings import config_embedding_input, embeddings_ensure, features_load
 from rewards.services.encoders import (
     encoder_default_path,
     encoder_inspect,
@@ -368,15 +368,24 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
     )
 
     report.phase("embedding", done=0, total=len(pairs.sample_ids))
+    form = config_embedding_input(encoder=job.encoder, config=job.config)
     embeddings_ensure(
         encoder=job.encoder,
         sample_ids=pairs.sample_ids,
         frames=job.video_frames,
         device=job.device,
+        input=form,
         progress=lambda done, total: report(done=done, total=total),
     )
-    x, mask, prompt = features_load(encoder=job.encoder, sample_ids=pairs.sample_ids)
+    x, mask, prompt = features_load(encoder=job.encoder, sample_ids=pairs.sample_ids, input=form)
     split = pairs_split(project=project, pairs=pairs, x=x, mask=mask, prompt=prompt, holdout=job.holdout)
+
+    # The bar to beat, on the frozen features of the job's encoder and the same held-out pairs.
+    report.phase("baseline", done=0, total=1)
+    baseline = _baseline(
+        split, use_prompt=bool(job.config.get("use_prompt", True)), seed=int(job.config.get("seed", 0))
+    )
+    report(done=1)
 
     report.phase("training", step=0)
 
@@ -406,21 +415,34 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
             progress=on_progress,
         )
 
-    report.phase("evaluating")
+    # Each phase counts its own units (the CLI's bar and the admin show them): evaluation sets here.
+    evaluations = [("holdout", split.holdout), ("gold", split.gold), ("majority", split.holdout)]
+    report.phase("evaluating", done=0, total=len(evaluations) + 1)
     figures: dict[str, Any] = {
         "train_pairs": int(split.train.num_pairs),
         "holdout_pairs": int(split.holdout.num_pairs),
         "samples": len(split.sample_ids),
-        "holdout": metrics.evaluate(model, split.holdout) if split.holdout.num_pairs else None,
-        "gold": metrics.evaluate(model, split.gold) if split.gold.num_pairs else None,
-        "majority": metrics.majority_agreement(model, split.holdout) if split.holdout.num_pairs else None,
     }
+    for done, (name, pair_set) in enumerate(evaluations, start=1):
+        if not pair_set.num_pairs:
+            figures[name] = None
+        elif name == "majority":
+            figures[name] = metrics.majority_agreement(model, pair_set)
+        else:
+            figures[name] = metrics.evaluate(model, pair_set)
+        report(done=done)
+    figures["baseline"] = baseline
+    report(done=len(evaluations) + 1)
     holdout_figs = figures["holdout"] or {}
     figures["holdout_accuracy"] = holdout_figs.get("accuracy")
     figures["gold_accuracy"] = (figures["gold"] or {}).get("accuracy")
     figures["majority_agreement"] = (figures["majority"] or {}).get("accuracy")
     figures["ece"] = holdout_figs.get("ece")
     figures["aspect_accuracy"] = holdout_figs.get("aspect_accuracy") or {}
+    figures["baseline_accuracy"] = (baseline or {}).get("accuracy")
+    fit = getattr(model, "fit_summary", None)
+    if fit:
+        figures["fit"] = fit
 
     report.phase("saving")
     with transaction.atomic():
@@ -441,9 +463,14 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
                     },
                     "snapshot": {"id": snapshot.id, "sha256": snapshot.sha256},
                     "holdout": job.holdout,
+                    "video_frames": job.video_frames,
                     "metrics": figures,
                 },
             )
+            # Self-contained: RewardFunction.from_pretrained(directory) needs nothing else.
+            from rewards.ml.reward_fn import bundle_encoder
+
+            bundle_encoder(directory, encoder.path)
         version = RewardModelVersion.objects.create(
             project=project,
             number=number,
@@ -461,41 +488,99 @@ def _train(job: RewardTrainingJob, report: _Reporter) -> RewardModelVersion:
     return version
 
 
+BASELINE_MAX_PAIRS = 50_000
+
+
+def _baseline(split: Split, *, use_prompt: bool, seed: int) -> dict[str, Any] | None:
+    """``rewards.ml.baseline.logistic_baseline`` on the split (at most ``BASELINE_MAX_PAIRS`` training
+    pairs, drawn with ``seed``): the held-out figures of an L2 logistic regression on the same frozen
+    features, or None when there is nothing to fit or to evaluate on."""
+    from rewards.ml.baseline import logistic_baseline
+    from rewards.ml.data import A_WINS, B_WINS
+
+    if not split.holdout.num_pairs:
+        return None
+    train = split.train
+    if train.num_pairs > BASELINE_MAX_PAIRS:
+        keep = np.random.default_rng(seed).choice(train.num_pairs, BASELINE_MAX_PAIRS, replace=False)
+        train = train.subset(np.sort(keep))
+    outcome = np.asarray(train.outcome)
+    if not (((outcome == A_WINS) | (outcome == B_WINS)) & (np.asarray(train.weight) > 0)).any():
+        return None
+    return logistic_baseline(train, split.holdout, use_prompt=use_prompt, seed=seed).to_dict()
+
+
 def _finetune(
     job: RewardTrainingJob, pairs: JudgedPairs, split: Split, on_progress: Callable[[Any], None]
 ) -> tuple[Any, Encoder, Split, Path]:
-    """Fine-tune the image tower (last layers or LoRA) with a BT head on the images themselves, save
-    it, register the fine-tuned encoder, and re-split with features from it, so evaluation,
+    """Fine-tune the encoder with a BT head on the samples themselves (an image tower: last layers or
+    LoRA; a sentence encoder: LoRA, on the text alone or on prompt and text together), save it,
+    register the fine-tuned encoder, and re-split with features from it, so evaluation,
     champion/challenger and scoring run the same code as for every other kind."""
     from rewards.ml.finetune.config import FinetuneConfig
-    from rewards.ml.finetune.trainer import ImagePairs
-    from rewards.ml.finetune.trainer import train as finetune_train
 
     config = FinetuneConfig.from_dict(job.config)
     by_id: dict[int, Sample] = {}
     ids = list(split.sample_ids)
     for start in range(0, len(ids), 5000):
         by_id.update(Sample.objects.select_related("prompt").in_bulk(ids[start : start + 5000]))
-    images = [sample_image_open(by_id[sid]) for sid in ids]
     prompts = [by_id[sid].prompt.text for sid in ids]
+    holdout = split.holdout if split.holdout.num_pairs else None
+    result: Any
+    if job.encoder.family == "text":
+        from rewards.ml.finetune.text import TextPairs
+        from rewards.ml.finetune.text import train as text_train
 
-    def image_pairs(ps: Any) -> ImagePairs:
-        return ImagePairs(
-            images=images, prompts=prompts, a=ps.a, b=ps.b, outcome=ps.outcome, weight=ps.weight
+        texts = [by_id[sid].text for sid in ids]
+
+        def text_pairs(ps: Any) -> TextPairs:
+            return TextPairs(
+                texts=texts,
+                prompts=prompts,
+                a=ps.a,
+                b=ps.b,
+                outcome=ps.outcome,
+                weight=ps.weight,
+                groups=ps.comparison,
+            )
+
+        result = text_train(
+            config,
+            text_pairs(split.train),
+            encoder_path=job.encoder.path,
+            holdout=text_pairs(holdout) if holdout is not None else None,
+            progress=on_progress,
         )
+    else:
+        from rewards.ml.finetune.trainer import ImagePairs
+        from rewards.ml.finetune.trainer import train as image_train
 
-    result = finetune_train(
-        config,
-        image_pairs(split.train),
-        encoder_path=job.encoder.path,
-        holdout=image_pairs(split.holdout) if split.holdout.num_pairs else None,
-        progress=on_progress,
-    )
+        images = [sample_image_open(by_id[sid]) for sid in ids]
+
+        def image_pairs(ps: Any) -> ImagePairs:
+            return ImagePairs(
+                images=images,
+                prompts=prompts,
+                a=ps.a,
+                b=ps.b,
+                outcome=ps.outcome,
+                weight=ps.weight,
+                groups=ps.comparison,
+            )
+
+        result = image_train(
+            config,
+            image_pairs(split.train),
+            encoder_path=job.encoder.path,
+            holdout=image_pairs(holdout) if holdout is not None else None,
+            progress=on_progress,
+        )
     directory = _models_root() / job.project.slug / f"job{job.id}-finetune"
     result.save_pretrained(directory)
     encoder = encoder_register(path=str(directory / "encoder"))
-    embeddings_ensure(encoder=encoder, sample_ids=ids, frames=job.video_frames, device=job.device)
-    x, mask, prompt = features_load(encoder=encoder, sample_ids=ids)
+    form = config_embedding_input(encoder=encoder, config=job.config)
+    embeddings_ensure(encoder=encoder, sample_ids=ids, frames=job.video_frames, device=job.device, input=form)
+    x, mask, prompt = features_load(encoder=encoder, sample_ids=ids, input=form)
     return (
         result.head,
         encoder,

@@ -16,7 +16,7 @@ from rewards.ml.names import ACTIVE_KINDS
 from rewards.models import (
     RewardModelVersion,
 )
-from rewards.services.embeddings import embeddings_ensure, features_load
+from rewards.services.embeddings import embeddings_ensure, features_load, version_embedding_input
 from rewards.services.pairs import Split
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,17 @@ def version_decide(
         else:
             champ_model = version_model_load(champion)
             held = split.holdout
-            if champion.encoder_id != version.encoder_id:
+            form = version_embedding_input(champion)
+            if champion.encoder_id != version.encoder_id or form != version_embedding_input(version):
                 embeddings_ensure(
-                    encoder=champion.encoder, sample_ids=split.sample_ids, frames=version.job.video_frames
+                    encoder=champion.encoder,
+                    sample_ids=split.sample_ids,
+                    frames=version.job.video_frames,
+                    input=form,
                 )
-                x, mask, prompt = features_load(encoder=champion.encoder, sample_ids=split.sample_ids)
+                x, mask, prompt = features_load(
+                    encoder=champion.encoder, sample_ids=split.sample_ids, input=form
+                )
                 held = PairSet(
                     x=x,
                     mask=mask,

@@ -19,7 +19,7 @@ from rewards import tasks
 from rewards.models import (
     RewardModelVersion,
 )
-from rewards.services.embeddings import embeddings_ensure, features_load
+from rewards.services.embeddings import embeddings_ensure, features_load, version_embedding_input
 from rewards.services.registry import version_model_load
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,12 @@ def version_score_samples(
             [version.project_id, only_new, version.id],
         )
         ids = [r[0] for r in cur.fetchall()]
-    embeddings_ensure(encoder=version.encoder, sample_ids=ids, frames=version.job.video_frames)
+    form = version_embedding_input(version)
+    embeddings_ensure(encoder=version.encoder, sample_ids=ids, frames=version.job.video_frames, input=form)
     written = 0
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]
-        x, mask, prompt = features_load(encoder=version.encoder, sample_ids=chunk)
+        x, mask, prompt = features_load(encoder=version.encoder, sample_ids=chunk, input=form)
         out = model.score(x, mask, prompt)
         aspects = [
             json.dumps({k: float(v[i]) for k, v in (out.aspects or {}).items()}) for i in range(len(chunk))
@@ -154,9 +155,12 @@ def comparison_priorities_update(
     if not rows:
         return 0
     sample_ids = sorted({r[1] for r in rows} | {r[2] for r in rows})
+    form = version_embedding_input(version)
     if not embedded:  # the caller may have just embedded every sample of the project
-        embeddings_ensure(encoder=version.encoder, sample_ids=sample_ids, frames=version.job.video_frames)
-    x, mask, prompt = features_load(encoder=version.encoder, sample_ids=sample_ids)
+        embeddings_ensure(
+            encoder=version.encoder, sample_ids=sample_ids, frames=version.job.video_frames, input=form
+        )
+    x, mask, prompt = features_load(encoder=version.encoder, sample_ids=sample_ids, input=form)
     pos = {sid: i for i, sid in enumerate(sample_ids)}
     n = len(rows)
     pairs = PairSet(

@@ -1,7 +1,8 @@
 """`manage.py train_reward_model --project SLUG --kind bt --encoder PATH [--holdout 0.2 ...]`.
 
-Runs the same job the admin and the API launch, in the foreground with a progress bar, and prints
-the new version's metrics (held-out accuracy first)."""
+Runs the same job the admin and the API launch, in the foreground with a progress bar per phase, and
+prints the new version's metrics: held-out accuracy and ECE first, next to the baseline it must beat
+(an L2 logistic regression on the frozen features, scored on the same held-out pairs)."""
 
 from __future__ import annotations
 
@@ -86,17 +87,20 @@ class Command(BaseCommand):
         phase = {"name": ""}
 
         def echo(state: dict[str, Any]) -> None:
+            # Each phase has its own counter: training counts steps, the others their own units.
+            training = state.get("phase") == "training"
+            done = state.get("step") if training else state.get("done", state.get("rows"))
+            total = state.get("total_steps") if training else state.get("total")
             if state.get("phase") != phase["name"]:
                 phase["name"] = state.get("phase", "")
-                bar.reset(total=state.get("total") or state.get("total_steps") or 0)
+                bar.reset(total=total or None)
+                bar.unit = "step" if training else "item"
                 bar.set_description(phase["name"])
-            total = state.get("total_steps") or state.get("total")
-            if total and bar.total != total:
+            elif total and bar.total != total:
                 bar.reset(total=total)
-            done = state.get("step", state.get("done", state.get("rows")))
             if done is not None:
                 bar.n = int(done)
-            if "loss" in state:
+            if training and "loss" in state:
                 bar.set_postfix(loss=state["loss"])
             bar.refresh()
 
@@ -110,11 +114,18 @@ class Command(BaseCommand):
         def fmt(v: Any) -> str:
             return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
+        baseline = m.get("baseline") or {}
+        acc, base_acc = m.get("holdout_accuracy"), baseline.get("accuracy")
+        verdict = ""
+        if acc is not None and base_acc is not None:
+            verdict = "  beats the baseline" if acc > base_acc else "  does NOT beat the baseline"
         lines = [
-            f"held-out accuracy   {fmt(m.get('holdout_accuracy'))}  ({m.get('holdout_pairs')} pairs)",
+            f"held-out accuracy   {fmt(acc)}  ({m.get('holdout_pairs')} pairs){verdict}",
+            f"calibration (ECE)   {fmt(m.get('ece'))}",
+            f"baseline accuracy   {fmt(base_acc)}  (L2 logistic regression on the frozen features, "
+            f"ECE {fmt(baseline.get('ece'))})",
             f"gold accuracy       {fmt(m.get('gold_accuracy'))}",
             f"majority agreement  {fmt(m.get('majority_agreement'))}",
-            f"calibration (ECE)   {fmt(m.get('ece'))}",
         ]
         for aspect, acc in sorted((m.get("aspect_accuracy") or {}).items()):
             lines.append(f"aspect {aspect:<12} {fmt(acc)}")

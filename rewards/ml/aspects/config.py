@@ -6,7 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.ml.progress import ConfigError, check_common, check_pairwise, config_from_dict
+from rewards.ml.progress import (
+    ConfigError,
+    check_common,
+    check_pairwise,
+    check_regularisation,
+    config_from_dict,
+)
 
 
 @dataclass
@@ -35,7 +41,36 @@ class AspectsConfig:
     lr: float = 3e-3
     """Peak AdamW learning rate; a 2% linear warm-up, then cosine decay to 0."""
     weight_decay: float = 1e-2
-    """AdamW weight decay on the scorer's weight matrices (not on biases or tie parameters)."""
+    """AdamW weight decay on the scorer's weight matrices (not on biases or tie parameters). Decoupled from
+    the loss, so it barely regularises a linear head; ``l2`` is the penalty that does."""
+    l2: float | None = None
+    """L2 penalty ``l2 * sum(w ** 2)`` on the scorer's weight matrices, added to the mean pair loss: the
+    objective of L2-regularised logistic regression (inputs are standardised, so one strength suits every
+    feature). None (default) adapts it to the data: ``heads.AUTO_L2_PAIRS / n`` for n fitted pairs (10 / n,
+    measured on HH-RLHF), strong on a few thousand pairs and vanishing on millions; the saved config holds
+    the value used. 0 turns it off (the behaviour before the inner split existed)."""
+    val_fraction: float = 0.1
+    """Share of the TRAINING pairs (whole comparisons, drawn with ``seed``) set aside as the inner validation
+    split for early stopping and the temperature, in [0, 0.5); the job's held-out pairs are never used.
+    0, or a split that would leave fewer than ``min_val_pairs`` pairs on either side, trains on every pair
+    for the full run with temperature 1 (``heads.inner_split``)."""
+    min_val_pairs: int = 32
+    """The inner split is used only when it has at least this many pairs (and the rest too)."""
+    patience: int = 10
+    """Stop after this many epochs in a row without a lower inner-split loss; the best epoch's weights are
+    kept either way. 0 = never stop early (still keeping the best epoch)."""
+    calibrate: bool = True
+    """Fit a temperature T on the inner split (one parameter, minimising its negative log-likelihood of the
+    decisive outcomes) after training: every head output is divided by T, so probabilities (and ECE) are
+    calibrated. Saved with the model (the ``temperature`` buffer) and applied by ``score`` and
+    ``prob_first_wins``. Needs the inner split; without it T stays 1."""
+    text_input: str = "joint"
+    """What the features of a text sample are: ``"joint"`` (default), the prompt and the response embedded
+    TOGETHER by the sentence encoder as a text pair (``Encoder.embed_text_pairs``, cross-encoder style, the
+    end of the prompt kept), or ``"response"``, the response alone. Read by the service that loads the
+    features (the embedding cache keeps both forms apart) and by ``RewardFunction``; image and video
+    samples, and encoders other than sentence encoders, always use ``"response"``. Measured on HH-RLHF
+    (bench/reward_quality.py): joint is the better default for text."""
     hidden: int = 0
     """Width of the scorer's hidden layers; 0 (default) makes the head linear in [x, x * prompt], which on
     CLIP-like features learns as well as an MLP and overfits less (measured: 100k pairs, 10% label noise)."""
@@ -70,6 +105,7 @@ class AspectsConfig:
         """Raise ``ConfigError(field, message)`` for the first out-of-range field."""
         check_common(self)
         check_pairwise(self)
+        check_regularisation(self)
         if self.aspects is not None:
             if not isinstance(self.aspects, list) or not self.aspects:
                 raise ConfigError("aspects", "must be a non-empty list of aspect keys, or null for all")

@@ -12,12 +12,19 @@ import torch
 from rewards.ml.aspects.config import AspectsConfig
 from rewards.ml.data import PairSet
 from rewards.ml.heads import (
+    BestWeights,
     DeviceFeatures,
     cosine_lr,
+    fit_summary,
+    head_temperatures,
     initial_tie_param,
+    inner_split,
+    l2_penalty,
+    pair_differences,
     pair_nll,
     pair_targets,
     resolve_device,
+    resolve_l2,
     standardiser_sample,
     torch_dtype,
     torch_threads,
@@ -61,13 +68,19 @@ def train(
             raise ValueError(
                 "no pairs to train on: every outcome is missing, dropped both-bad or a dropped tie"
             )
+        groups = None if train.comparison is None else train.comparison[keep]
+        fit, val = inner_split(
+            keep.size, groups, fraction=config.val_fraction, min_pairs=config.min_val_pairs, seed=config.seed
+        )
+        l2 = resolve_l2(config.l2, fit.size)
         a = torch.as_tensor(train.a[keep], dtype=torch.long, device=device)
         b = torch.as_tensor(train.b[keep], dtype=torch.long, device=device)
         target_t = torch.as_tensor(target[keep], device=device)
         weight_t = torch.as_tensor(weight[keep], device=device, dtype=dtype)
+        fit_t, val_t = torch.as_tensor(fit, device=device), torch.as_tensor(val, device=device)
 
         features = DeviceFeatures(train, device, dtype, config.use_prompt)
-        resolved = dataclasses.replace(config, aspects=aspects)
+        resolved = dataclasses.replace(config, aspects=aspects, l2=l2)
         model = AspectsRewardModel(
             config=resolved.to_dict(),
             dim=train.dim,
@@ -81,23 +94,27 @@ def train(
         with torch.no_grad():
             model.tie_param.copy_(torch.as_tensor(initial_tie_param(target[keep], weight[keep])))
 
-        n = keep.size
+        n = fit.size
         steps_per_epoch = math.ceil(n / config.batch_size)
         epochs = run_epochs(config, steps_per_epoch)
         total_steps = epochs * steps_per_epoch
         log = ProgressLog(
             total_steps=total_steps, epochs=epochs, log_every_steps=config.log_every_steps, callback=progress
         )
+        best = BestWeights(config.patience)
         step = 0
         for epoch in range(1, epochs + 1):
             model.train()
-            order = torch.as_tensor(rng.permutation(n), device=device)
+            order = fit_t[torch.as_tensor(rng.permutation(n), device=device)]
             for start in range(0, n, config.batch_size):
                 batch = order[start : start + config.batch_size]
                 x, mask, prompt = features.take(torch.cat([a[batch], b[batch]]))
                 r_a, r_b = model(x, mask, prompt).split(len(batch))  # (B, 1 + aspects) each
                 # Sum over heads of each head's weighted mean loss.
                 loss = pair_nll(r_a - r_b, target_t[batch], weight_t[batch], model.tie_param, config.ties)
+
+                if l2:
+                    loss = loss + l2 * l2_penalty(model)
 
                 for group in optimizer.param_groups:
                     group["lr"] = cosine_lr(step, total_steps, config.lr)
@@ -107,8 +124,29 @@ def train(
                 step += 1
                 log.step_done(step, epoch, loss.item())
             model.eval()
-            if is_eval_epoch(epoch, epochs):
-                log.epoch_done(step, epoch, holdout_metrics(model, holdout))
+            # Inner split: early stopping on its loss; at the end the best epoch's weights and a temperature.
+            figures: dict[str, float] = {}
+            stop = False
+            if val.size:
+                d = pair_differences(model, features, a[val_t], b[val_t])
+                tie = model.tie_param.detach()
+                figures["val_loss"] = float(pair_nll(d, target_t[val_t], weight_t[val_t], tie, config.ties))
+                stop = best.update(figures["val_loss"], model, epoch)
+            last = stop or epoch == epochs
+            if last and val.size:
+                best.restore(model)
+                if config.calibrate:
+                    d = pair_differences(model, features, a[val_t], b[val_t])
+                    model.set_temperature(
+                        head_temperatures(
+                            d, target_t[val_t], weight_t[val_t], model.tie_param, config.ties, shared=False
+                        )
+                    )
+            if last or is_eval_epoch(epoch, epochs):
+                log.epoch_done(step, epoch, {**figures, **holdout_metrics(model, holdout)})
+            if stop:
+                break
         model.curves = log.curves
+        model.fit_summary = fit_summary(model, best, fit.size, val.size, epoch, l2)
         model.eval()
         return model
