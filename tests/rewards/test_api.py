@@ -135,6 +135,15 @@ def test_cli_trains_in_the_foreground_and_prints_metrics(project: Any, manager: 
     )
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("held-out accuracy")
+    assert lines[1].startswith("calibration (ECE)")
+    # The bar to beat: a logistic regression on the same frozen features and held-out pairs.
+    assert lines[2].startswith("baseline accuracy   0.") and "L2 logistic regression" in lines[2]
+    version = RewardModelVersion.objects.get()
+    baseline = version.metrics["baseline"]
+    assert baseline["holdout_pairs"] == version.metrics["holdout_pairs"] > 0
+    assert 0.0 <= baseline["accuracy"] <= 1.0 and baseline["c"] > 0
+    assert f"{baseline['accuracy']:.4f}" in lines[2]
+    assert ("beats the baseline" in lines[0]) == (version.metrics["holdout_accuracy"] > baseline["accuracy"])
     assert "v1 (bt)" in out.getvalue() and "active              yes" in out.getvalue()
     job = RewardTrainingJob.objects.get()
     assert job.holdout == 0.25 and job.config["epochs"] == 5 and job.config["lr"] == 0.01

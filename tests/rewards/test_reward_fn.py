@@ -16,7 +16,7 @@ from annotate import services as annotate_services
 from annotate.models import Sample
 from rewards import services
 from rewards.ml.reward_fn import ENCODER_DIR, RewardFunction
-from rewards.models import RewardModelVersion, SampleScore
+from rewards.models import RewardModelVersion, SampleEmbedding, SampleScore
 from tests.rewards.helpers import brighter, image_project, simulate
 from tests.rewards.ml.tiny_models import save_tiny_bert, save_tiny_clip
 
@@ -37,6 +37,7 @@ def _train_and_score(project: Any, manager: Any, encoder: Path, **kwargs: Any) -
 def _moved(version: RewardModelVersion, tmp_path: Path) -> Path:
     # "From the directory alone": a copy somewhere else, and the encoder the app used gone from view.
     target = tmp_path / "elsewhere"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     shutil.copytree(version.path, target)
     return target
 
@@ -111,3 +112,23 @@ def test_text_rewards_equal_the_app_scores_as_a_trl_reward_function(
     np.testing.assert_allclose(got, [app[s.id] for s in samples], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(chat, got, rtol=1e-6, atol=1e-6)
     assert reward.__name__ == "rewardloop_bt"
+
+    # Text heads read prompt and text together by default; the cache keeps each form apart.
+    assert reward.text_input == "joint" and version.job.config["text_input"] == "joint"
+    cached = SampleEmbedding.objects.filter(encoder=version.encoder)
+    assert set(cached.values_list("input", flat=True)) == {"joint"}
+    alone = _train_and_score(
+        project,
+        manager,
+        bert,
+        kind="bt",
+        hyperparameters={"epochs": 20, "text_input": "response"},
+        promote=False,
+    )
+    assert cached.filter(input="joint").count() == cached.filter(input="response").count() == len(samples)
+    app_alone = dict(SampleScore.objects.filter(version=alone).values_list("sample_id", "reward"))
+    reward_alone = RewardFunction.from_pretrained(_moved(alone, tmp_path / "alone"))
+    assert reward_alone.text_input == "response"
+    got_alone = reward_alone(prompts=[s.prompt.text for s in samples], completions=[s.text for s in samples])
+    np.testing.assert_allclose(got_alone, [app_alone[s.id] for s in samples], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got_alone, got, atol=1e-3)
