@@ -343,7 +343,7 @@ def inner_split(
 
 # Measured on HH-RLHF harmless-base (bench/reward_quality.py): the L2 strength of the best logistic
 # regression there, expressed per pair. The penalty per pair shrinks as 1/n, as in a Bayesian posterior.
-AUTO_L2_PAIRS = 10.0
+AUTO_L2_PAIRS = 1000.0
 
 
 def resolve_l2(l2: float | None, n_fit: int) -> float:

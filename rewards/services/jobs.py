@@ -165,9 +165,14 @@ def reward_job_create(
         )
     info = encoder_inspect(encoder_path or rc.encoder_path or encoder_default_path(project))
     modalities = project_modalities(project)
-    if kind == "finetune" and (modalities != ["image"] or info.family == "text"):
+    fits = (modalities == ["image"] and info.family != "text") or (
+        modalities == ["text"] and info.family == "text"
+    )
+    if kind == "finetune" and not fits:
         raise Invalid(
-            "encoder fine-tuning is for image projects with a CLIP or SigLIP encoder", code="bad_encoder"
+            "encoder fine-tuning is for image projects with a CLIP or SigLIP encoder, or text projects "
+            "with a sentence encoder",
+            code="bad_encoder",
         )
     unsupported = [m for m in modalities if not encoder_supports(info, m)]
     if unsupported:

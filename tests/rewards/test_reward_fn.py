@@ -113,22 +113,42 @@ def test_text_rewards_equal_the_app_scores_as_a_trl_reward_function(
     np.testing.assert_allclose(chat, got, rtol=1e-6, atol=1e-6)
     assert reward.__name__ == "rewardloop_bt"
 
-    # Text heads read prompt and text together by default; the cache keeps each form apart.
-    assert reward.text_input == "joint" and version.job.config["text_input"] == "joint"
+    # Text heads read the response alone by default (measured better on HH-RLHF); prompt and text
+    # together is one field away, and the cache keeps each form apart.
+    assert reward.text_input == "response" and version.job.config["text_input"] == "response"
     cached = SampleEmbedding.objects.filter(encoder=version.encoder)
-    assert set(cached.values_list("input", flat=True)) == {"joint"}
-    alone = _train_and_score(
+    assert set(cached.values_list("input", flat=True)) == {"response"}
+    joint = _train_and_score(
         project,
         manager,
         bert,
         kind="bt",
-        hyperparameters={"epochs": 20, "text_input": "response"},
+        hyperparameters={"epochs": 20, "text_input": "joint"},
         promote=False,
     )
     assert cached.filter(input="joint").count() == cached.filter(input="response").count() == len(samples)
-    app_alone = dict(SampleScore.objects.filter(version=alone).values_list("sample_id", "reward"))
-    reward_alone = RewardFunction.from_pretrained(_moved(alone, tmp_path / "alone"))
-    assert reward_alone.text_input == "response"
-    got_alone = reward_alone(prompts=[s.prompt.text for s in samples], completions=[s.text for s in samples])
-    np.testing.assert_allclose(got_alone, [app_alone[s.id] for s in samples], rtol=1e-5, atol=1e-5)
-    assert not np.allclose(got_alone, got, atol=1e-3)
+    app_joint = dict(SampleScore.objects.filter(version=joint).values_list("sample_id", "reward"))
+    reward_joint = RewardFunction.from_pretrained(_moved(joint, tmp_path / "joint"))
+    assert reward_joint.text_input == "joint"
+    got_joint = reward_joint(prompts=[s.prompt.text for s in samples], completions=[s.text for s in samples])
+    np.testing.assert_allclose(got_joint, [app_joint[s.id] for s in samples], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got_joint, got, atol=1e-3)
+
+    # The text finetune kind (peft LoRA on the sentence encoder), end to end through the job.
+    tuned = _train_and_score(
+        project,
+        manager,
+        bert,
+        kind="finetune",
+        hyperparameters={"epochs": 2, "lr": 1e-3, "text_input": "joint", "max_length": 64},
+        promote=False,
+        device="cpu",
+    )
+    tuned_dir = Path(tuned.path)
+    assert (tuned_dir / "adapter" / "adapter_config.json").is_file()
+    assert tuned.metrics["holdout_accuracy"] is not None and tuned.metrics["baseline"] is not None
+    app_tuned = dict(SampleScore.objects.filter(version=tuned).values_list("sample_id", "reward"))
+    reward_tuned = RewardFunction.from_pretrained(_moved(tuned, tmp_path / "tuned"))
+    assert reward_tuned.text_input == "joint"
+    got_tuned = reward_tuned(prompts=[s.prompt.text for s in samples], completions=[s.text for s in samples])
+    np.testing.assert_allclose(got_tuned, [app_tuned[s.id] for s in samples], rtol=1e-4, atol=1e-4)

@@ -38,7 +38,7 @@ class BTConfig:
     l2: float | None = None
     """L2 penalty ``l2 * sum(w ** 2)`` on the scorer's weight matrices, added to the mean pair loss: the
     objective of L2-regularised logistic regression (inputs are standardised, so one strength suits every
-    feature). None (default) adapts it to the data: ``heads.AUTO_L2_PAIRS / n`` for n fitted pairs (10 / n,
+    feature). None (default) adapts it to the data: ``heads.AUTO_L2_PAIRS / n`` for n fitted pairs (1000 / n,
     measured on HH-RLHF), strong on a few thousand pairs and vanishing on millions; the saved config holds
     the value used. 0 turns it off (the behaviour before the inner split existed)."""
     val_fraction: float = 0.1
@@ -48,7 +48,7 @@ class BTConfig:
     for the full run with temperature 1 (``heads.inner_split``)."""
     min_val_pairs: int = 32
     """The inner split is used only when it has at least this many pairs (and the rest too)."""
-    patience: int = 10
+    patience: int = 30
     """Stop after this many epochs in a row without a lower inner-split loss; the best epoch's weights are
     kept either way. 0 = never stop early (still keeping the best epoch)."""
     calibrate: bool = True
@@ -56,13 +56,14 @@ class BTConfig:
     decisive outcomes) after training: every head output is divided by T, so probabilities (and ECE) are
     calibrated. Saved with the model (the ``temperature`` buffer) and applied by ``score`` and
     ``prob_first_wins``. Needs the inner split; without it T stays 1."""
-    text_input: str = "joint"
+    text_input: str = "response"
     """What the features of a text sample are: ``"joint"`` (default), the prompt and the response embedded
     TOGETHER by the sentence encoder as a text pair (``Encoder.embed_text_pairs``, cross-encoder style, the
     end of the prompt kept), or ``"response"``, the response alone. Read by the service that loads the
     features (the embedding cache keeps both forms apart) and by ``RewardFunction``; image and video
     samples, and encoders other than sentence encoders, always use ``"response"``. Measured on HH-RLHF
-    (bench/reward_quality.py): joint is the better default for text."""
+    (bench/reward_quality.py, docs/BENCHMARKS.md): with the data-size L2, the response alone
+    beat the joint form there, so ``response`` is the default; ``joint`` is one field away."""
     hidden: int = 0
     """Width of the scorer's hidden layers; 0 (default) makes the head linear in [x, x * prompt], which on
     CLIP-like features learns as well as an MLP and overfits less (measured: 100k pairs, 10% label noise)."""

@@ -1,8 +1,20 @@
 """Fine-tune a CLIP/SigLIP image tower together with a linear Bradley-Terry head (see ``FinetuneConfig``).
 
-Top to bottom: LoRA without peft (``LoRALinear``, ``add_lora``, ``merge_lora``), the ``last_layers``
-alternative (``unfreeze_last_layers``), the data (``ImagePairs``), the loop (``train``), and the result
-(``FinetunedRewardModel``, ``load_finetuned``).
+Top to bottom: the ``last_layers`` alternative to LoRA (``unfreeze_last_layers``; LoRA itself is peft's, see
+``common.add_lora``), the data (``ImagePairs``), the trainer (``train``, whose loop is ``common.fit``), and
+the result (``FinetunedRewardModel``, ``load_finetuned``, which also loads text models).
+
+A saved model directory (``FinetunedRewardModel.save_pretrained``, the same for text models):
+
+- ``config.json`` + ``model.safetensors``: the head, an ordinary ``bt`` reward model over the fine-tuned
+  encoder's normalised embeddings (the temperature already folded into it), which
+  ``rewards.ml.model.load_reward_model`` loads. ``extra`` records the run (see ``save_pretrained``).
+- ``encoder/``: the fine-tuned encoder, LoRA merged into its weights, as a plain transformers directory
+  (``AutoModel.from_pretrained`` or ``rewards.ml.encoders.load_encoder`` loads it).
+- ``adapter/`` (LoRA runs): the peft adapter, ``adapter_config.json`` + ``adapter_model.safetensors``, whose
+  base model is the encoder fine-tuning started from: ``extra["encoder"]["base"]["path"]``, also written as
+  the adapter's ``base_model_name_or_path``. ``PeftModel.from_pretrained(AutoModel.from_pretrained(base),
+  "adapter")`` gives the same encoder as ``encoder/``.
 """
 
 from __future__ import annotations
@@ -17,74 +29,36 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from PIL import Image
 from torch import nn
 
 from rewards.ml.bt.config import BTConfig
 from rewards.ml.data import PairSet
 from rewards.ml.encoders import Encoder, EncoderError, inspect_encoder, load_encoder
-from rewards.ml.finetune.config import FinetuneConfig
-from rewards.ml.heads import (
-    cosine_lr,
-    initial_tie_param,
-    pair_nll,
-    pair_targets,
-    resolve_device,
-    scorer_inputs,
-    standardiser_sample,
-    torch_threads,
+from rewards.ml.finetune.common import (
+    ADAPTER_DIR,
+    AUTOCAST,
+    ENCODER_DIR,
+    Adapter,
+    LoopResult,
+    add_lora,
+    base_info,
+    fit,
+    merged,
+    trainable,
 )
+from rewards.ml.finetune.config import FinetuneConfig
+from rewards.ml.heads import pair_targets, resolve_device, torch_threads
 from rewards.ml.metrics import holdout_metrics
 from rewards.ml.model import BTRewardModel, load_reward_model
-from rewards.ml.progress import ConfigError, Progress, ProgressLog, is_eval_epoch, run_epochs
+from rewards.ml.progress import ConfigError, Progress
 
-ENCODER_DIR = "encoder"  # the fine-tuned encoder's sub-directory of a saved model
-AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Which sub-module of a vision layer holds each LoRA target.
-TARGET_PARENTS = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "out_proj": "self_attn",
-    "fc1": "mlp",
-    "fc2": "mlp",
-}
-STANDARDISER_SAMPLES = 1024  # images embedded (no grad) before training to set the head's input scaling
 EVAL_BATCH_SIZE = 64
+VISION_LAYERS = "vision_model.encoder.layers"  # where a CLIP/SigLIP model keeps its vision layers
 
 
-# --- LoRA ------------------------------------------------------------------------------------------
-
-
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update: ``base(x) + (alpha / rank) * B(A(x))``.
-
-    This is LoRA (Hu et al., 2021) in the formulation of peft's ``lora.Linear`` (A Kaiming-uniform, B zeros,
-    scaling ``alpha / rank``; no dropout), without the dependency. B starts at zero, so before the first
-    optimiser step the layer computes exactly what ``base`` does. ``merge()`` folds the update into
-    ``base.weight`` and returns ``base``, a plain ``nn.Linear`` again.
-    """
-
-    def __init__(self, base: nn.Linear, *, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.scaling = alpha / rank
-        device, dtype = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update ``(alpha / rank) * B @ A`` that ``merge`` adds to ``base.weight``."""
-        return (self.lora_B @ self.lora_A) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-        return self.base
+# --- last_layers ------------------------------------------------------------------------------------
 
 
 def vision_layers(model: nn.Module) -> nn.ModuleList:
@@ -97,48 +71,13 @@ def vision_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _last(layers: nn.ModuleList, n: int | None, field: str) -> list[nn.Module]:
-    if n is not None and n > len(layers):
-        raise ConfigError(field, f"the encoder has {len(layers)} vision layers, got {n}")
-    return list(layers) if n is None else list(layers)[-n:]
-
-
-def add_lora(
-    model: nn.Module, *, layers: int | None, targets: Sequence[str], rank: int, alpha: float
-) -> list[LoRALinear]:
-    """Replace the ``targets`` linears of the last ``layers`` vision layers (None = all) with ``LoRALinear``
-    wrappers, in place, and return them. Everything else keeps its ``requires_grad``."""
-    adapters = []
-    for layer in _last(vision_layers(model), layers, "lora_layers"):
-        for name in targets:
-            parent = getattr(layer, TARGET_PARENTS[name])
-            base = getattr(parent, name)
-            if not isinstance(base, nn.Linear):
-                raise EncoderError(
-                    f"{type(layer).__name__}.{TARGET_PARENTS[name]}.{name} is not a linear layer"
-                )
-            adapter = LoRALinear(base, rank=rank, alpha=alpha)
-            setattr(parent, name, adapter)
-            adapters.append(adapter)
-    return adapters
-
-
-def merge_lora(model: nn.Module) -> int:
-    """Fold every ``LoRALinear`` of ``model`` into its base linear, in place, and put the plain linear back,
-    so the model's state dict has its original keys. Returns how many adapters were merged."""
-    merged = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(module, name, child.merge())
-                merged += 1
-    return merged
-
-
 def unfreeze_last_layers(model: nn.Module, n: int) -> list[nn.Parameter]:
     """Set ``requires_grad`` on the last ``n`` vision layers and on everything after them on the way to the
     image embedding (post-layernorm, SigLIP's pooling head, CLIP's visual projection); return those params."""
-    modules = _last(vision_layers(model), n, "train_layers")
+    layers = vision_layers(model)
+    if n > len(layers):
+        raise ConfigError("train_layers", f"the encoder has {len(layers)} vision layers, got {n}")
+    modules: list[nn.Module] = list(layers)[-n:]
     vision: Any = model.vision_model
     modules.append(vision.post_layernorm)
     for after in (getattr(vision, "head", None), getattr(model, "visual_projection", None)):
@@ -160,7 +99,8 @@ class ImagePairs:
 
     ``prompts`` holds one prompt per image (None: not prompt-conditioned). ``a``/``b`` are ``(P,)`` indices
     into ``images``, ``outcome`` the ``(P,)`` codes of ``rewards.ml.data`` (A_WINS, B_WINS, TIE, ...),
-    ``weight`` ``(P,)`` float (1.0 for one vote).
+    ``weight`` ``(P,)`` float (1.0 for one vote). ``groups`` (``(P,)``, optional) is the comparison each pair
+    came from, so the inner validation split keeps a comparison's pairs together.
     """
 
     images: Sequence[Image.Image]
@@ -169,6 +109,7 @@ class ImagePairs:
     b: np.ndarray
     outcome: np.ndarray
     weight: np.ndarray
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         s = len(self.images)
@@ -184,6 +125,10 @@ class ImagePairs:
         for name in ("b", "outcome", "weight"):
             if getattr(self, name).shape != (p,):
                 raise ValueError(f"{name} must have shape ({p},)")
+        if self.groups is not None:
+            self.groups = np.asarray(self.groups, dtype=np.int64)
+            if self.groups.shape != (p,):
+                raise ValueError(f"groups must have shape ({p},)")
         if p and (min(self.a.min(), self.b.min()) < 0 or max(self.a.max(), self.b.max()) >= s):
             raise ValueError(f"pair indices out of range of the {s} images")
 
@@ -206,11 +151,13 @@ def train(
     """Fine-tune the image tower of the encoder at ``encoder_path`` and a bt head on ``pairs``, end to end.
 
     The encoder is loaded with ``rewards.ml.encoders.load_encoder`` (float32 weights on ``config.device``;
-    ``config.dtype`` only sets the autocast dtype). ``holdout`` is evaluated (float32, like the saved model)
-    at each evaluation epoch and reported as ``holdout_*`` metrics. A ``TrainingCancelled`` raised by
-    ``progress`` propagates unchanged. Raises ``ConfigError`` for a bad config (also a layer count the encoder
-    does not have), ``EncoderError`` for an unusable encoder (a text encoder included) and ``ValueError`` for
-    unusable data.
+    ``config.dtype`` only sets the autocast dtype). The inner validation split comes out of ``pairs``
+    (``FinetuneConfig.val_fraction``); ``holdout`` is only evaluated (float32, like the saved model) at each
+    evaluation epoch and reported as ``holdout_*`` metrics, never used to choose anything. A
+    ``TrainingCancelled`` raised by ``progress`` propagates unchanged. Raises ``ConfigError`` for a bad
+    config (also a layer count the encoder does not have), ``EncoderError`` for an unusable encoder (a text
+    encoder included: ``rewards.ml.finetune.text.train`` fine-tunes those) and ``ValueError`` for unusable
+    data.
     """
     config.validate()
     device = resolve_device(config.device)
@@ -227,9 +174,6 @@ def train(
         keep = np.flatnonzero(weight > 0)
         if not keep.size:
             raise ValueError("no pairs to train on: every pair is missing, dropped both-bad or a dropped tie")
-        a, b = pairs.a[keep], pairs.b[keep]
-        target_t = torch.as_tensor(target[keep], device=device)[:, None]
-        weight_t = torch.as_tensor(weight[keep], device=device)[:, None]
 
         # The same loading path as the frozen-feature kinds; float32 master weights, autocast does the rest.
         encoder = load_encoder(encoder_path, device=config.device, dtype="float32")
@@ -237,20 +181,25 @@ def train(
             raise EncoderError(
                 f"{encoder.info.path}: a {encoder.info.family} encoder has no image tower to fine-tune"
             )
+        base = base_info(encoder.info)
         model = encoder.model
         model.requires_grad_(False)
         if config.method == "lora":
-            adapters = add_lora(
+            model = add_lora(
                 model,
+                layer_prefix=VISION_LAYERS,
+                n_layers=len(vision_layers(model)),
                 layers=config.lora_layers,
-                targets=config.lora_targets,
+                targets=config.resolved_lora_targets("image"),
                 rank=config.lora_rank,
                 alpha=config.lora_alpha,
+                dropout=config.lora_dropout,
+                layer_kind="vision layers",
             )
-            trained = [p for adapter in adapters for p in (adapter.lora_A, adapter.lora_B)]
+            encoder.model = model
         else:
-            trained = unfreeze_last_layers(model, config.train_layers)
-        trained_names = [name for name, p in model.named_parameters() if p.requires_grad]
+            unfreeze_last_layers(model, config.train_layers)
+        trained_names, trained = trainable(model)
 
         # The text tower is frozen: each distinct prompt is embedded once.
         prompts = None
@@ -264,98 +213,57 @@ def train(
         head = BTRewardModel(
             config=_head_config(config), dim=encoder.info.dim, k=1, prompt_conditioned=prompt_conditioned
         ).to(device)
-        # Scale the head's inputs from the encoder's embeddings before any fine-tuning (see heads.Scorer).
-        sample = standardiser_sample(np.concatenate([a, b]), rng, size=STANDARDISER_SAMPLES)
-        model.eval()
-        with torch.no_grad():
-            x0 = torch.cat(
-                [
-                    _embed_batch(encoder, [pairs.images[i] for i in chunk], autocast)
-                    for chunk in np.array_split(sample, math.ceil(sample.size / EVAL_BATCH_SIZE))
-                ]
-            )
-            prompt0 = None if prompts is None else prompts[torch.as_tensor(sample, device=device)]
-            head.scorer.fit_standardiser(scorer_inputs(x0, prompt0))
-            assert head.tie_param is not None
-            head.tie_param.copy_(torch.as_tensor(initial_tie_param(target[keep, None], weight[keep, None])))
 
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": trained, "weight_decay": config.weight_decay, "peak_lr": config.lr},
-                *(
-                    {**group, "peak_lr": config.head_lr}
-                    for group in head.optimizer_groups(config.weight_decay)
-                ),
-            ],
-            lr=config.lr,
-        )
-        clipped = trained + list(head.parameters())
-        # float16 gradients underflow without loss scaling; bfloat16 has float32's exponent range.
-        scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
+        def embed_train(index: np.ndarray) -> torch.Tensor:
+            return _embed_batch(encoder, [pairs.images[i] for i in index], autocast)
+
+        def embed_eval(index: np.ndarray) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat(
+                    [
+                        _embed_batch(encoder, [pairs.images[i] for i in chunk], None)
+                        for chunk in np.array_split(index, max(1, math.ceil(index.size / EVAL_BATCH_SIZE)))
+                    ]
+                )
+
+        def holdout_figures() -> dict[str, Any]:
+            if holdout is None:
+                return {}
+            return holdout_metrics(head, _embedded_pairs(encoder, holdout, holdout_prompts))
+
+        plain: Any = model.get_base_model() if isinstance(model, PeftModel) else model
         if config.grad_checkpointing:
-            model.activation_checkpointing_enable()
-
-        n = keep.size
-        steps_per_epoch = math.ceil(n / config.batch_size)
-        epochs = run_epochs(config, steps_per_epoch)
-        total_steps = epochs * steps_per_epoch
-        log = ProgressLog(
-            total_steps=total_steps, epochs=epochs, log_every_steps=config.log_every_steps, callback=progress
-        )
-        step = 0
+            plain.activation_checkpointing_enable()
         try:
-            for epoch in range(1, epochs + 1):
-                model.train()
-                head.train()
-                order = rng.permutation(n)
-                for start in range(0, n, config.batch_size):
-                    batch = order[start : start + config.batch_size]
-                    # Embed each distinct image of the batch once, then gather both sides of every pair.
-                    sides = np.concatenate([a[batch], b[batch]])
-                    used, inverse = np.unique(sides, return_inverse=True)
-                    x = _embed_batch(encoder, [pairs.images[i] for i in used], autocast)
-                    x = x[torch.as_tensor(inverse, device=device)]
-                    prompt = None if prompts is None else prompts[torch.as_tensor(sides, device=device)]
-                    mask = torch.ones((x.shape[0], 1), dtype=torch.bool, device=device)
-                    r_a, r_b = head(x[:, None, :], mask, prompt).split(len(batch))
-                    batch_t = torch.as_tensor(batch, device=device)
-                    loss = pair_nll(
-                        r_a - r_b, target_t[batch_t], weight_t[batch_t], head.tie_param, config.ties
-                    )
-
-                    for group in optimizer.param_groups:
-                        group["lr"] = cosine_lr(step, total_steps, group["peak_lr"])
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if config.max_grad_norm > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(clipped, config.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    step += 1
-                    log.step_done(step, epoch, loss.item())
-                model.eval()
-                head.eval()
-                if is_eval_epoch(epoch, epochs):
-                    metrics = {}
-                    if holdout is not None:
-                        metrics = holdout_metrics(head, _embedded_pairs(encoder, holdout, holdout_prompts))
-                    log.epoch_done(step, epoch, metrics)
+            loop = fit(
+                config=config,
+                model=model,
+                trained=trained,
+                head=head,
+                embed_train=embed_train,
+                embed_eval=embed_eval,
+                prompts=prompts,
+                a=pairs.a[keep],
+                b=pairs.b[keep],
+                target=target[keep],
+                weight=weight[keep],
+                groups=None if pairs.groups is None else pairs.groups[keep],
+                rng=rng,
+                device=device,
+                holdout_metrics=holdout_figures,
+                progress=progress,
+            )
         finally:
             if config.grad_checkpointing:
-                model.activation_checkpointing_disable()
+                plain.activation_checkpointing_disable()
+                # Enabling it hooked the input embeddings to require grad (for frozen embeddings + LoRA);
+                # disabling leaves that hook unless transformers' own peft integration loaded the adapter.
+                plain.disable_input_require_grads()
             model.eval()
-        head.curves = log.curves
+        head.curves = loop.curves
         head.eval()
-        base = {
-            "path": encoder.info.path,
-            "name": encoder.info.name,
-            "fingerprint": encoder.info.fingerprint,
-            "family": encoder.info.family,
-            "model_type": encoder.info.model_type,
-        }
         return FinetunedRewardModel(
-            encoder=encoder, head=head, config=config, base=base, trained_parameters=trained_names
+            encoder=encoder, head=head, config=config, base=base, trained_parameters=trained_names, loop=loop
         )
 
 
@@ -408,6 +316,7 @@ def _head_config(config: FinetuneConfig) -> dict[str, Any]:
         weight_decay=config.weight_decay,
         hidden=0,
         use_prompt=config.use_prompt,
+        text_input=config.text_input,
         ties=config.ties,
         both_bad=config.both_bad,
         seed=config.seed,
@@ -421,12 +330,73 @@ def _head_config(config: FinetuneConfig) -> dict[str, Any]:
 # --- The result ------------------------------------------------------------------------------------
 
 
+def loop_extra(loop: LoopResult | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """The loop's figures as saved in ``extra`` (``temperature``, ``inner_split``), or what a loaded model
+    recorded (``extra``) when there is no loop."""
+    if loop is None:
+        return {key: extra[key] for key in ("temperature", "inner_split") if key in extra}
+    return {
+        "temperature": loop.temperature,
+        "inner_split": {
+            "train_pairs": loop.train_pairs,
+            "val_pairs": loop.val_pairs,
+            "best_step": loop.best_step,
+            "steps": loop.steps,
+            "stopped_early": loop.stopped_early,
+            "val_loss": loop.val_loss,
+            "val_accuracy": loop.val_accuracy,
+        },
+    }
+
+
+def save_finetuned(
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    adapter: Adapter | None,
+    tokenizer: Any,
+    image_processor: Any,
+    head: BTRewardModel,
+    extra: dict[str, Any],
+    sentence_max_length: int | None = None,
+) -> None:
+    """Write ``encoder/`` (``model``, merged, + tokenizer + image processor), ``adapter/`` when there is one,
+    and the head with ``extra`` plus the encoder's and adapter's records. ``sentence_max_length`` writes the
+    ``sentence_bert_config.json`` that makes ``rewards.ml.encoders`` truncate texts where training did."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    encoder_dir = path / ENCODER_DIR
+    model.save_pretrained(encoder_dir)  # type: ignore[operator]
+    tokenizer.save_pretrained(encoder_dir)
+    if image_processor is not None:
+        image_processor.save_pretrained(encoder_dir)
+    if sentence_max_length is not None:
+        (encoder_dir / "sentence_bert_config.json").write_text(
+            f'{{"max_seq_length": {sentence_max_length}, "do_lower_case": false}}\n'
+        )
+    if adapter is not None:
+        adapter.save(path / ADAPTER_DIR)
+    head.extra = {
+        **extra,
+        "encoder": {
+            **extra["encoder"],
+            "dir": ENCODER_DIR,
+            "fingerprint": inspect_encoder(encoder_dir).fingerprint,
+        },
+        "adapter": None
+        if adapter is None
+        else {"dir": ADAPTER_DIR, "base_model_name_or_path": adapter.config.base_model_name_or_path},
+    }
+    head.save_pretrained(path)
+
+
 class FinetunedRewardModel:
     """A fine-tuned image encoder and its Bradley-Terry head.
 
-    ``encoder`` is a ``rewards.ml.encoders.Encoder`` whose model is the fine-tuned one (LoRA adapters still
-    separate until ``merge``); ``head`` is a ``BTRewardModel`` over its normalised embeddings (K=1).
-    ``trained_parameters`` names the encoder parameters that were trained (before any merge).
+    ``encoder`` is a ``rewards.ml.encoders.Encoder`` whose model is the fine-tuned one (a peft ``PeftModel``
+    after LoRA until ``merge``); ``head`` is a ``BTRewardModel`` over its normalised embeddings (K=1), the
+    temperature already folded in. ``trained_parameters`` names the encoder parameters that were trained.
+    ``temperature`` is the one fitted on the inner split (1.0 without one).
     """
 
     def __init__(
@@ -437,12 +407,19 @@ class FinetunedRewardModel:
         config: FinetuneConfig,
         base: dict[str, Any],
         trained_parameters: list[str],
+        loop: LoopResult | None = None,
     ) -> None:
         self.encoder = encoder
         self.head = head
         self.config = config
         self.base = base  # the encoder fine-tuning started from: path, name, fingerprint, family, model_type
         self.trained_parameters = trained_parameters
+        self.record = loop_extra(loop, head.extra)
+        self.adapter: Adapter | None = None
+
+    @property
+    def temperature(self) -> float:
+        return float(self.record.get("temperature", 1.0))
 
     @property
     def prompt_conditioned(self) -> bool:
@@ -472,53 +449,63 @@ class FinetunedRewardModel:
         x = self.embed_images(images, batch_size=batch_size)
         return self.head.score(x[:, None, :], None, prompt).reward.astype(np.float32)
 
-    def merge(self) -> int:
-        """Fold the LoRA adapters into the encoder's weights, in place (a no-op after ``last_layers`` or a
-        previous merge); outputs stay the same up to float rounding. Returns how many were merged."""
-        return merge_lora(self.encoder.model)
+    def merge(self) -> bool:
+        """Fold the LoRA adapters into the encoder's weights, in place, keeping the adapter for
+        ``save_pretrained`` (a no-op after ``last_layers`` or a previous merge); outputs stay the same up to
+        float rounding. Returns whether there was anything to merge."""
+        model, adapter = merged(self.encoder.model)
+        self.encoder.model = model
+        if adapter is not None:
+            self.adapter = adapter
+        return adapter is not None
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the model into ``directory`` (created if needed); merges LoRA adapters first (``merge``).
+        """Write the model into ``directory`` (created if needed; the layout is in the module docstring);
+        merges LoRA adapters first (``merge``).
 
-        - ``encoder/``: the fine-tuned encoder as a plain transformers directory (``config.json``,
-          ``model.safetensors``, tokenizer files, ``preprocessor_config.json``), which
-          ``rewards.ml.encoders.load_encoder`` (or ``AutoModel.from_pretrained``) loads.
-        - ``config.json`` + ``model.safetensors``: the head, an ordinary ``bt`` reward model over that
-          encoder's embeddings, which ``rewards.ml.model.load_reward_model`` loads. Its ``extra`` holds
-          ``finetune`` (this config), ``encoder`` (``dir``, the saved encoder's ``fingerprint``, and ``base``,
-          the encoder fine-tuning started from) and ``trained_parameters``.
+        The head's ``extra`` holds ``finetune`` (this config), ``encoder`` (``dir``, the saved encoder's
+        ``fingerprint``, and ``base``, the encoder fine-tuning started from), ``adapter`` (``dir`` and
+        ``base_model_name_or_path``, or None after ``last_layers``), ``modality`` ("image"),
+        ``trained_parameters``, ``temperature`` and ``inner_split`` (its sizes, the kept step, whether it
+        stopped early, its loss and accuracy).
         """
         self.merge()
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        encoder_dir = path / ENCODER_DIR
-        self.encoder.model.save_pretrained(encoder_dir)
-        self.encoder.tokenizer.save_pretrained(encoder_dir)
         assert self.encoder.image_processor is not None
-        self.encoder.image_processor.save_pretrained(encoder_dir)
-        self.head.extra = {
-            "finetune": self.config.to_dict(),
-            "encoder": {
-                "dir": ENCODER_DIR,
-                "fingerprint": inspect_encoder(encoder_dir).fingerprint,
-                "base": self.base,
+        save_finetuned(
+            directory,
+            model=self.encoder.model,
+            adapter=self.adapter,
+            tokenizer=self.encoder.tokenizer,
+            image_processor=self.encoder.image_processor,
+            head=self.head,
+            extra={
+                "finetune": self.config.to_dict(),
+                "modality": "image",
+                "encoder": {"base": self.base},
+                "trained_parameters": self.trained_parameters,
+                **self.record,
             },
-            "trained_parameters": self.trained_parameters,
-        }
-        self.head.save_pretrained(path)
+        )
 
 
-def load_finetuned(directory: str | Path, *, device: str = "cpu") -> FinetunedRewardModel:
-    """Load a directory written by ``FinetunedRewardModel.save_pretrained`` onto ``device`` (float32)."""
+def load_finetuned(directory: str | Path, *, device: str = "cpu") -> Any:
+    """Load a directory written by ``save_pretrained`` of a fine-tuned image or text model onto ``device``
+    (float32): a ``FinetunedRewardModel`` or a ``rewards.ml.finetune.text.FinetunedTextRewardModel``. The
+    merged ``encoder/`` is what loads (no peft needed)."""
     path = Path(directory)
     head = load_reward_model(path, device=device)
     if not isinstance(head, BTRewardModel) or "finetune" not in head.extra:
         raise ValueError(f"{path} is a reward model directory but not a fine-tuned one (no extra.finetune)")
     encoder = load_encoder(path / head.extra["encoder"]["dir"], device=device)
-    return FinetunedRewardModel(
-        encoder=encoder,
-        head=head,
-        config=FinetuneConfig.from_dict(head.extra["finetune"]),
-        base=dict(head.extra["encoder"]["base"]),
-        trained_parameters=list(head.extra["trained_parameters"]),
-    )
+    common: dict[str, Any] = {
+        "encoder": encoder,
+        "head": head,
+        "config": FinetuneConfig.from_dict(head.extra["finetune"]),
+        "base": dict(head.extra["encoder"]["base"]),
+        "trained_parameters": list(head.extra["trained_parameters"]),
+    }
+    if head.extra.get("modality") == "text":
+        from rewards.ml.finetune.text import FinetunedTextRewardModel
+
+        return FinetunedTextRewardModel(**common)
+    return FinetunedRewardModel(**common)

@@ -12,22 +12,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
+from peft import PeftModel
 from PIL import Image
 from torch import nn
 
 from rewards.ml.data import A_WINS, B_WINS, TIE
 from rewards.ml.encoders import EncoderError, load_encoder
+from rewards.ml.finetune.common import add_lora, merged, trainable
 from rewards.ml.finetune.config import FinetuneConfig
-from rewards.ml.finetune.trainer import (
-    FinetunedRewardModel,
-    ImagePairs,
-    LoRALinear,
-    add_lora,
-    load_finetuned,
-    merge_lora,
-    train,
-)
+from rewards.ml.finetune.trainer import FinetunedRewardModel, ImagePairs, load_finetuned, train
 from rewards.ml.model import BTRewardModel, load_reward_model
 from rewards.ml.progress import ConfigError, Progress, TrainingCancelled
 from tests.rewards.ml.tiny_models import CLIP_DIM, save_tiny_bert, save_tiny_clip, save_tiny_siglip
@@ -134,7 +129,9 @@ def test_config_defaults_and_round_trip() -> None:
     config = FinetuneConfig()
     assert (config.method, config.train_layers, config.lora_layers) == ("lora", 2, None)
     assert (config.lora_rank, config.lora_alpha) == (8, 16.0)
-    assert config.lora_targets == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    assert config.lora_targets is None  # picked per encoder family
+    assert config.resolved_lora_targets("image") == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    assert config.resolved_lora_targets("text") == ["query", "key", "value", "dense"]
     assert (config.batch_size, config.lr, config.head_lr) == (16, 1e-4, 1e-3)
     assert (config.ties, config.both_bad, config.device, config.dtype) == (
         "davidson",
@@ -157,8 +154,8 @@ def test_config_defaults_and_round_trip() -> None:
         ("lora_layers", 0, "must be between 1 and 1000, got 0"),
         ("lora_rank", 2.5, "must be an integer, got 2.5"),
         ("lora_alpha", 0.0, "must be greater than 0.0, got 0.0"),
-        ("lora_targets", [], "must be a non-empty list of names, got []"),
-        ("lora_targets", "q_proj", "must be a non-empty list of names, got 'q_proj'"),
+        ("lora_targets", [], "must be a non-empty list of names or null, got []"),
+        ("lora_targets", "q_proj", "must be a non-empty list of names or null, got 'q_proj'"),
         (
             "lora_targets",
             ["q_proj", "qkv"],
@@ -194,56 +191,42 @@ def test_config_rejects_unknown_keys_and_both_bad_ties_without_a_tie_model() -> 
 # --- LoRA -------------------------------------------------------------------------------------------
 
 
-def test_lora_linear_starts_at_its_base_and_merges_into_it() -> None:
-    torch.manual_seed(0)
-    base = nn.Linear(6, 5)
-    weight, bias = base.weight.detach().clone(), base.bias.detach().clone()
-    lora = LoRALinear(base, rank=2, alpha=4.0)
-    x = torch.randn(7, 6)
-    assert lora.scaling == 2.0
-    assert (lora.lora_A.shape, lora.lora_B.shape) == ((2, 6), (5, 2))
-    assert not base.weight.requires_grad and lora.lora_A.requires_grad and lora.lora_B.requires_grad
-    torch.testing.assert_close(lora(x), base(x), rtol=0, atol=0)
-
-    with torch.no_grad():
-        lora.lora_B.normal_()
-    with torch.no_grad():
-        expected = x @ (weight + 2.0 * lora.lora_B @ lora.lora_A).T + bias
-        adapted = lora(x)
-    torch.testing.assert_close(adapted, expected, rtol=0, atol=1e-5)
-    assert not torch.allclose(adapted, base(x))
-    merged = lora.merge()
-    assert merged is base
-    torch.testing.assert_close(merged(x), adapted, rtol=0, atol=1e-5)
-    torch.testing.assert_close(merged.bias, bias, rtol=0, atol=0)
-
-
 def test_lora_at_step_zero_is_exactly_the_base_model(
     clip_dir: Path, data: tuple[ImagePairs, ImagePairs]
 ) -> None:
     images = data[0].images
     base = load_encoder(clip_dir)
     encoder = load_encoder(clip_dir)
-    encoder.model.requires_grad_(False)
     targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-    adapters = add_lora(encoder.model, layers=None, targets=targets, rank=4, alpha=8.0)
-    assert len(adapters) == 2 * 6  # 2 vision layers
-    trainable = [name for name, p in encoder.model.named_parameters() if p.requires_grad]
-    assert len(trainable) == 24
-    assert all(name.startswith("vision_model.encoder.layers.") for name in trainable)
-    assert all(name.endswith((".lora_A", ".lora_B")) for name in trainable)
+    peft_model = add_lora(
+        encoder.model,
+        layer_prefix="vision_model.encoder.layers",
+        n_layers=2,
+        layers=None,
+        targets=targets,
+        rank=4,
+        alpha=8.0,
+        dropout=0.0,
+    )
+    assert isinstance(peft_model, PeftModel)
+    encoder.model = peft_model
+    names, _ = trainable(peft_model)
+    assert len(names) == 24  # A and B of 6 linears in 2 vision layers
+    assert all(name.startswith("vision_model.encoder.layers.") for name in names)
+    assert all(".lora_A." in name or ".lora_B." in name for name in names)
     np.testing.assert_array_equal(encoder.embed_images(images), base.embed_images(images))
 
     with torch.no_grad():
-        for adapter in adapters:
-            adapter.lora_B.normal_(std=0.05)
+        for name, param in peft_model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(std=0.05)
     adapted = encoder.embed_images(images)
     assert np.abs(adapted - base.embed_images(images)).max() > 1e-2
-    assert merge_lora(encoder.model) == 12
-    assert not any(isinstance(m, LoRALinear) for m in encoder.model.modules())
-    assert list(encoder.model.state_dict()) == list(base.model.state_dict())
+    plain, adapter = merged(peft_model)
+    assert adapter is not None and not isinstance(plain, PeftModel)
+    assert list(plain.state_dict()) == list(base.model.state_dict())
+    encoder.model = plain
     np.testing.assert_allclose(encoder.embed_images(images), adapted, atol=1e-5)
-    assert merge_lora(encoder.model) == 0
 
 
 # --- Training ---------------------------------------------------------------------------------------
@@ -270,21 +253,25 @@ def test_training_reports_progress_and_finite_losses(
 def test_lora_trains_only_its_adapters(runs: dict[str, Run], base_state: dict[str, torch.Tensor]) -> None:
     run = runs["lora"]
     layer = "vision_model.encoder.layers.1.self_attn"
-    adapters = [f"{layer}.{p}_proj.lora_{m}" for p in ("q", "k", "v", "out") for m in ("A", "B")]
+    # peft's names: <linear>.lora_A.default.weight / lora_B; the wrapped linear becomes base_layer.
+    adapters = [
+        f"{layer}.{p}_proj.lora_{m}.default.weight" for p in ("q", "k", "v", "out") for m in ("A", "B")
+    ]
     assert sorted(run.model.trained_parameters) == sorted(adapters)
-    targeted = tuple(f"{layer}.{p}_proj." for p in ("q", "k", "v", "out"))
-    expected = {
-        name.replace("_proj.", "_proj.base.") if name.startswith(targeted) else name for name in base_state
-    }
-    assert set(run.state) == expected | set(adapters)
-    for name, value in run.state.items():
+    state = {name.removeprefix("base_model.model."): value for name, value in run.state.items()}
+    assert set(state) == {
+        name.replace("_proj.", "_proj.base_layer.")
+        if name.startswith(tuple(f"{layer}.{p}_proj." for p in ("q", "k", "v", "out")))
+        else name
+        for name in base_state
+    } | set(adapters)
+    for name, value in state.items():
         if name in adapters:
             continue
-        original = name.replace(".base.", ".")
-        assert torch.equal(value, base_state[original]), f"{name} changed"
+        assert torch.equal(value, base_state[name.replace(".base_layer.", ".")]), f"{name} changed"
     for name in adapters:
-        if name.endswith("lora_B"):
-            assert run.state[name].abs().max() > 0  # moved away from its zero start
+        if ".lora_B." in name:
+            assert state[name].abs().max() > 0  # moved away from its zero start
 
 
 def test_last_layers_trains_the_last_layer_and_what_follows(
@@ -306,21 +293,9 @@ def test_last_layers_trains_the_last_layer_and_what_follows(
     )  # layer 1's q, k, v, out, fc1, fc2 and 2 layer norms; post-layernorm; projection
 
 
-def test_merge_gives_the_unmerged_outputs(runs: dict[str, Run], data: tuple[ImagePairs, ImagePairs]) -> None:
-    model: Any = copy.deepcopy(runs["lora"].unmerged)
-    processor = runs["lora"].model.encoder.image_processor
-    assert processor is not None
-    pixels = processor(images=data[0].images, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        before = model.get_image_features(pixel_values=pixels).pooler_output
-        assert merge_lora(model) == 4
-        after = model.get_image_features(pixel_values=pixels).pooler_output
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("method", ["lora", "last_layers"])
 def test_save_pretrained_writes_a_plain_encoder_and_a_bt_head(
+    clip_dir: Path,
     runs: dict[str, Run],
     data: tuple[ImagePairs, ImagePairs],
     base_state: dict[str, torch.Tensor],
@@ -333,7 +308,19 @@ def test_save_pretrained_writes_a_plain_encoder_and_a_bt_head(
     scores = run.model.score_images(images, prompts)
     run.model.save_pretrained(tmp_path)
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "encoder", "model.safetensors"]
+    expected_files = ["config.json", "encoder", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        expected_files + (["adapter"] if method == "lora" else [])
+    )
+    if method == "lora":
+        # The adapter loads with plain peft onto the base encoder and gives the fine-tuned encoder.
+        from transformers import CLIPModel
+
+        base_model = CLIPModel.from_pretrained(str(clip_dir))
+        tuned = PeftModel.from_pretrained(base_model, str(tmp_path / "adapter")).merge_and_unload()
+        plain = load_encoder(clip_dir)
+        plain.model = tuned.eval()
+        np.testing.assert_allclose(plain.embed_images(data[0].images), run.embeddings, atol=1e-5)
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"} <= {
         p.name for p in (tmp_path / "encoder").iterdir()
     }
@@ -489,7 +476,7 @@ def test_lora_learns_brighter_wins_on_cpu(clip_dir: Path, data: tuple[ImagePairs
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_lora_learns_brighter_wins_on_cuda(clip_dir: Path, dtype: str) -> None:
+def test_lora_learns_brighter_wins_on_cuda(clip_dir: Path, dtype: str, tmp_path: Path) -> None:
     train_pairs, holdout = make_pairs(64, seed=10), make_pairs(32, seed=11)
     reports: list[Progress] = []
     config = FinetuneConfig(
@@ -498,8 +485,10 @@ def test_lora_learns_brighter_wins_on_cuda(clip_dir: Path, dtype: str) -> None:
     model = train(config, train_pairs, encoder_path=clip_dir, holdout=holdout, progress=reports.append)
     assert reports[-1].step == reports[-1].total_steps <= 8 * math.ceil(train_pairs.num_pairs / 16)
     assert all(math.isfinite(r.loss) for r in reports)
-    assert model.encoder.model.device.type == "cuda"
-    adapters = [m for m in model.encoder.model.modules() if isinstance(m, LoRALinear)]
-    assert len(adapters) == 2 * 4 and all(a.lora_B.abs().max() > 0 for a in adapters)
+    assert next(model.encoder.model.parameters()).device.type == "cuda"
+    model.save_pretrained(tmp_path / "m")
+    adapter = safetensors.torch.load_file(str(tmp_path / "m" / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert len(lora_b) == 2 * 4 and all(v.abs().max() > 0 for v in lora_b)
     assert reports[-1].metrics["holdout_accuracy"] >= 0.8
     assert brightness_order_agreement(model, holdout) >= 0.8

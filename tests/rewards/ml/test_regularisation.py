@@ -128,7 +128,7 @@ def test_baseline_is_scikit_learns_logistic_regression_on_feature_differences() 
     hd = (held.x[held.a, 0] - held.x[held.b, 0]) / scale
     expected = float((ref.predict(hd) == (held.outcome == A_WINS)).mean())
     assert result.accuracy == pytest.approx(expected, abs=1e-9)
-    assert result.accuracy > 0.9 and result.c == 1.0
+    assert result.accuracy is not None and result.accuracy > 0.9 and result.c == 1.0
     assert result.train_pairs == 400 and result.holdout_pairs == 300
 
 
