@@ -25,7 +25,7 @@ from django.contrib.auth import get_user_model
 from django.core.files.base import ContentFile
 from django.db import IntegrityError, transaction
 
-from annotate.errors import Conflict, Invalid, TooLarge
+from annotate.errors import Conflict, Invalid, ServiceError, TooLarge
 from annotate.media import MediaError, MediaInfo, MediaTooLarge, inspect_media, inspect_text
 from annotate.models import (
     Comparison,
@@ -52,6 +52,24 @@ class ImportResult:
     comparisons: int = 0
     judgments: int = 0
     sample_ids: list[int] = field(default_factory=list)
+    skipped: int = 0  # broken rows left out (on_error="skip")
+    skipped_rows: list[dict[str, Any]] = field(default_factory=list)  # {row, reason}, the first SKIP_REPORT
+
+
+ON_ERROR = ("fail", "skip")
+SKIP_REPORT = 1000  # skipped rows listed with their reason; the count covers them all
+
+
+class _Skips:
+    """Where ``on_error="skip"`` puts the broken rows; ``None`` of it (fail) re-raises."""
+
+    def __init__(self, result: ImportResult) -> None:
+        self.result = result
+
+    def add(self, row: int, exc: ServiceError) -> None:
+        self.result.skipped += 1
+        if len(self.result.skipped_rows) < SKIP_REPORT:
+            self.result.skipped_rows.append({"row": row, "reason": exc.message})
 
 
 # --- Sources: a zip file or a folder -------------------------------------------------------------
@@ -183,7 +201,7 @@ def samples_import(
     # Pass 1, outside any transaction: every row checked and every media entry read and decoded,
     # one at a time; only what describes it (MediaInfo, no bytes) is kept.
     planned: list[tuple[int, dict[str, Any], MediaInfo]] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     with stream:
         for i, raw in _manifest_rows(name, stream):
             result.rows += 1
@@ -202,10 +220,10 @@ def samples_import(
                     f"row {i}: this project takes {project.modality} samples, not {info.modality}",
                     details={"row": i},
                 )
-            if info.content_hash in seen:
+            if (row["prompt"], info.content_hash) in seen:
                 result.duplicates += 1
             else:
-                seen.add(info.content_hash)
+                seen.add((row["prompt"], info.content_hash))
                 planned.append((i, row, info))
             if progress:
                 progress(result.rows)
@@ -219,11 +237,11 @@ def samples_import(
         existing = set(
             Sample.objects.filter(
                 project=project, content_hash__in=[info.content_hash for _, _, info in batch]
-            ).values_list("content_hash", flat=True)
+            ).values_list("prompt__text", "content_hash")
         )
         rows: list[Sample] = []
         for i, row, info in batch:
-            if info.content_hash in existing:
+            if (row["prompt"], info.content_hash) in existing:
                 result.duplicates += 1
                 continue
             try:
@@ -384,51 +402,65 @@ class _Pair:
     models: tuple[str, str] = ("", "")
 
 
-def _lines(fh: IO[bytes]) -> Iterator[tuple[int, str]]:
-    """Numbered lines of a UTF-8 file; a line that is not UTF-8 is refused with its number."""
-    for i, raw in enumerate(fh, start=1):
+def _decode(i: int, raw: bytes) -> str:
+    """Line ``i`` as text; a line that is not UTF-8 is refused with its number."""
+    try:
+        return raw.decode("utf-8-sig" if i == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise Invalid(
+            f"row {i}: not UTF-8 text ({exc.reason} at byte {exc.start})", details={"row": i}
+        ) from exc
+
+
+def _trl_pairs(fh: IO[bytes], skips: _Skips | None = None) -> Iterator[_Pair]:
+    """The rows of a TRL JSONL file; a broken row raises ``Invalid`` naming it, or with ``skips`` is
+    recorded there and left out."""
+    for i, raw_bytes in enumerate(fh, start=1):
         try:
-            yield i, raw.decode("utf-8-sig" if i == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            raise Invalid(
-                f"row {i}: not UTF-8 text ({exc.reason} at byte {exc.start})", details={"row": i}
-            ) from exc
+            raw = _decode(i, raw_bytes)
+            if not raw.strip():
+                continue
+            yield _trl_row(i, raw)
+        except (Invalid, TooLarge) as exc:
+            if skips is None:
+                raise
+            skips.add(i, exc)
 
 
-def _trl_pairs(fh: IO[bytes]) -> Iterator[_Pair]:
-    for i, raw in _lines(fh):
-        if not raw.strip():
-            continue
-        row = _json_row(i, raw)
-        missing = [k for k in ("chosen", "rejected") if k not in row]
-        if missing:
-            raise Invalid(f"row {i}: missing column(s) {', '.join(missing)}", details={"row": i})
-        try:
-            if "prompt" in row and row["prompt"] not in (None, ""):
-                prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-            else:
-                prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
-            prompt_text, chosen_text, rejected_text = (
-                clean_text(_as_text(v), field=name)
-                for v, name in ((prompt, "prompt"), (chosen, "chosen"), (rejected, "rejected"))
-            )
-        except Invalid as exc:
-            raise Invalid(f"row {i}: {exc.message}", details={"row": i}) from exc
-        except ValueError as exc:
-            raise Invalid(f"row {i}: {exc}", details={"row": i}) from exc
-        if not prompt_text.strip():
-            raise Invalid(
-                f"row {i}: empty prompt (no explicit 'prompt' and no shared prefix)", details={"row": i}
-            )
-        try:
-            first = (inspect_text(chosen_text), chosen_text)
-            second = (inspect_text(rejected_text), rejected_text)
-        except MediaError as exc:
-            raise Invalid(f"row {i}: {exc}", details={"row": i}) from exc
-        yield _Pair(i, prompt_text, first, second, "a")
+def _trl_row(i: int, raw: str) -> _Pair:
+    row = _json_row(i, raw)
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        raise Invalid(f"row {i}: missing column(s) {', '.join(missing)}", details={"row": i})
+    try:
+        if "prompt" in row and row["prompt"] not in (None, ""):
+            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+        else:
+            prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+        prompt_text, chosen_text, rejected_text = (
+            clean_text(_as_text(v), field=name)
+            for v, name in ((prompt, "prompt"), (chosen, "chosen"), (rejected, "rejected"))
+        )
+    except Invalid as exc:
+        raise Invalid(f"row {i}: {exc.message}", details={"row": i}) from exc
+    except ValueError as exc:
+        raise Invalid(f"row {i}: {exc}", details={"row": i}) from exc
+    if not prompt_text.strip():
+        raise Invalid(
+            f"row {i}: empty prompt (no explicit 'prompt' and no shared prefix)", details={"row": i}
+        )
+    try:
+        # An empty completion is a real output (the assistant said nothing), often the preferred one.
+        first = (inspect_text(chosen_text, allow_empty=True), chosen_text)
+        second = (inspect_text(rejected_text, allow_empty=True), rejected_text)
+    except MediaTooLarge as exc:
+        raise TooLarge(f"row {i}: {exc}", details={"row": i}) from exc
+    except MediaError as exc:
+        raise Invalid(f"row {i}: {exc}", details={"row": i}) from exc
+    return _Pair(i, prompt_text, first, second, "a")
 
 
-def _pickapic_pairs(fh: IO[bytes]) -> Iterator[_Pair]:
+def _pickapic_pairs(fh: IO[bytes], skips: _Skips | None = None) -> Iterator[_Pair]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -447,41 +479,50 @@ def _pickapic_pairs(fh: IO[bytes]) -> Iterator[_Pair]:
             f"missing column(s) {', '.join(sorted(missing))}; Pick-a-Pic needs {', '.join(sorted(need))}"
         )
     for row, rec in enumerate(_parquet_records(pf), start=1):
-        l0, l1 = rec.get("label_0"), rec.get("label_1")
-        if l0 is None or l1 is None:
-            raise Invalid(f"row {row}: label_0/label_1 missing", details={"row": row})
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (l0, l1)):
-            raise Invalid(f"row {row}: label_0/label_1 must be numbers", details={"row": row})
-        outcome = "a" if l0 > l1 else "b" if l1 > l0 else "tie"
-        images = []
-        for col in ("jpg_0", "jpg_1"):
-            data = rec.get(col)
-            if not isinstance(data, bytes | bytearray):
-                raise Invalid(f"row {row}: {col} must hold the image bytes", details={"row": row})
-            try:
-                images.append((inspect_media(io.BytesIO(data)), bytes(data)))
-            except MediaTooLarge as exc:
-                raise TooLarge(f"row {row}: {col}: {exc}", details={"row": row}) from exc
-            except MediaError as exc:
-                raise Invalid(f"row {row}: {col}: {exc}", details={"row": row}) from exc
-        caption = rec.get("caption")
-        if not isinstance(caption, str) or not caption.strip():
-            raise Invalid(f"row {row}: empty caption", details={"row": row})
         try:
-            clean_text(caption, field="caption")
-            models = tuple(
-                clean_text(str(rec.get(c) or ""), field=c, max_length=401) for c in ("model_0", "model_1")
-            )
-        except Invalid as exc:
-            raise Invalid(f"row {row}: {exc.message}", details={"row": row}) from exc
-        yield _Pair(
-            row,
-            caption,
-            images[0],
-            images[1],
-            outcome,
-            (models[0], models[1]),
+            yield _pickapic_row(row, rec)
+        except (Invalid, TooLarge) as exc:
+            if skips is None:
+                raise
+            skips.add(row, exc)
+
+
+def _pickapic_row(row: int, rec: dict[str, Any]) -> _Pair:
+    l0, l1 = rec.get("label_0"), rec.get("label_1")
+    if l0 is None or l1 is None:
+        raise Invalid(f"row {row}: label_0/label_1 missing", details={"row": row})
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (l0, l1)):
+        raise Invalid(f"row {row}: label_0/label_1 must be numbers", details={"row": row})
+    outcome = "a" if l0 > l1 else "b" if l1 > l0 else "tie"
+    images = []
+    for col in ("jpg_0", "jpg_1"):
+        data = rec.get(col)
+        if not isinstance(data, bytes | bytearray):
+            raise Invalid(f"row {row}: {col} must hold the image bytes", details={"row": row})
+        try:
+            images.append((inspect_media(io.BytesIO(data)), bytes(data)))
+        except MediaTooLarge as exc:
+            raise TooLarge(f"row {row}: {col}: {exc}", details={"row": row}) from exc
+        except MediaError as exc:
+            raise Invalid(f"row {row}: {col}: {exc}", details={"row": row}) from exc
+    caption = rec.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise Invalid(f"row {row}: empty caption", details={"row": row})
+    try:
+        clean_text(caption, field="caption")
+        models = tuple(
+            clean_text(str(rec.get(c) or ""), field=c, max_length=401) for c in ("model_0", "model_1")
         )
+    except Invalid as exc:
+        raise Invalid(f"row {row}: {exc.message}", details={"row": row}) from exc
+    return _Pair(
+        row,
+        caption,
+        images[0],
+        images[1],
+        outcome,
+        (models[0], models[1]),
+    )
 
 
 def _parquet_records(pf: Any) -> Iterator[dict[str, Any]]:
@@ -499,12 +540,25 @@ def _parquet_records(pf: Any) -> Iterator[dict[str, Any]]:
 
 
 def preferences_import(
-    *, project: Project, actor: Any, fmt: str, file: IO[bytes], progress: Progress = None
+    *,
+    project: Project,
+    actor: Any,
+    fmt: str,
+    file: IO[bytes],
+    progress: Progress = None,
+    on_error: str = "fail",
 ) -> ImportResult:
     """Import existing preference data as judgments (source ``import``): TRL-style JSONL (text)
     or Pick-a-Pic-style Parquet (image bytes inside). Each row becomes two samples (deduplicated
-    by content), a completed comparison and one judgment by the ``import-<format>`` user."""
+    by prompt and content: the same output under two prompts is two samples), a completed
+    comparison and one judgment by the ``import-<format>`` user.
+
+    ``on_error="fail"`` (default): one broken row refuses the whole file, naming the row, and
+    nothing is stored. ``"skip"``: broken rows are left out and listed in the result
+    (``skipped``, ``skipped_rows``); the rest is imported, still in one transaction."""
     member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
+    if on_error not in ON_ERROR:
+        raise Invalid(f"on_error must be one of {', '.join(ON_ERROR)}, not {on_error!r}", code="bad_on_error")
     if fmt not in ("trl", "pickapic"):
         raise Invalid("format must be trl or pickapic")
     modality = Modality.TEXT if fmt == "trl" else Modality.IMAGE
@@ -512,15 +566,31 @@ def preferences_import(
         raise Invalid(f"this project takes {project.modality} samples; {fmt} data is {modality}")
     if project.k != 2:
         raise Invalid("preference imports need a pairwise project")
-    pairs = list(_trl_pairs(file) if fmt == "trl" else _pickapic_pairs(file))
+    result = ImportResult()
+    skips = _Skips(result) if on_error == "skip" else None
+    pairs = []
+    for p in _trl_pairs(file, skips) if fmt == "trl" else _pickapic_pairs(file, skips):
+        try:
+            if p.first[0].content_hash == p.second[0].content_hash:
+                raise Invalid(f"row {p.row}: both sides are the same content", details={"row": p.row})
+            if p.outcome == "tie" and not project.allow_tie:
+                raise Invalid(
+                    f"row {p.row}: a tie, and this project does not allow ties", details={"row": p.row}
+                )
+        except Invalid as exc:
+            if skips is None:
+                raise
+            skips.add(p.row, exc)
+            continue
+        pairs.append(p)
     if not pairs:
+        if result.skipped:
+            raise Invalid(
+                f"every row is broken ({result.skipped}); the first: {result.skipped_rows[0]['reason']}",
+                details={"skipped": result.skipped, "skipped_rows": result.skipped_rows[:20]},
+            )
         raise Invalid("the file holds no rows")
-    for p in pairs:
-        if p.first[0].content_hash == p.second[0].content_hash:
-            raise Invalid(f"row {p.row}: both sides are the same content", details={"row": p.row})
-        if p.outcome == "tie" and not project.allow_tie:
-            raise Invalid(f"row {p.row}: a tie, and this project does not allow ties", details={"row": p.row})
-    result = ImportResult(rows=len(pairs))
+    result.rows = len(pairs) + result.skipped
     written: list[Sample] = []
     try:
         with transaction.atomic():
@@ -528,18 +598,20 @@ def preferences_import(
             user = _import_user(fmt)
             ProjectMember.objects.get_or_create(project=project, user=user, defaults={"role": "annotator"})
             hashes = list({h for p in pairs for h in (p.first[0].content_hash, p.second[0].content_hash)})
-            by_hash: dict[str, int] = {}
+            # A sample is (prompt, content): the same refusal under two prompts is two samples.
+            by_hash: dict[tuple[int, str], int] = {}
             for k in range(0, len(hashes), _BATCH_ROWS):
                 by_hash.update(
-                    Sample.objects.filter(
+                    ((prompt_id, chash), sid)
+                    for prompt_id, chash, sid in Sample.objects.filter(
                         project=project, content_hash__in=hashes[k : k + _BATCH_ROWS]
-                    ).values_list("content_hash", "id")
+                    ).values_list("prompt_id", "content_hash", "id")
                 )
             for n, p in enumerate(pairs, start=1):
                 prompt = prompt_get_or_create(project=project, text=p.prompt)
                 ids = []
                 for (info, payload), model in zip((p.first, p.second), p.models, strict=True):
-                    sid = by_hash.get(info.content_hash)
+                    sid = by_hash.get((prompt.id, info.content_hash))
                     if sid is None:
                         gen, _, ver = model.partition("@")
                         try:
@@ -558,15 +630,10 @@ def preferences_import(
                             s.media.save(f"import.{info.extension}", ContentFile(payload), save=False)
                             written.append(s)
                         s.save()
-                        sid = by_hash[info.content_hash] = s.id
+                        sid = by_hash[(prompt.id, info.content_hash)] = s.id
                         result.created += 1
                     else:
                         result.duplicates += 1
-                        if Sample.objects.filter(id=sid).values_list("prompt_id", flat=True)[0] != prompt.id:
-                            raise Invalid(
-                                f"row {p.row}: this output is already stored under another prompt",
-                                details={"row": p.row},
-                            )
                     ids.append(sid)
                 c = Comparison.objects.create(
                     project=project,

@@ -238,8 +238,10 @@ def inspect_media(fh: IO[bytes]) -> MediaInfo:
     raise MediaError("unsupported file type: expected an image (PNG, JPEG, WebP, GIF) or a video (MP4, WebM)")
 
 
-def inspect_text(text: str) -> MediaInfo:
-    if not text or not text.strip():
+def inspect_text(text: str, *, allow_empty: bool = False) -> MediaInfo:
+    """``allow_empty``: an empty text is a valid model output (imported preference data has them:
+    the assistant said nothing, and that was preferred); uploads by hand still refuse one."""
+    if not allow_empty and (not text or not text.strip()):
         raise MediaError("text sample is empty")
     if len(text) > settings.RL_MAX_TEXT_CHARS:
         raise MediaTooLarge(f"text is {len(text)} characters; the limit is {settings.RL_MAX_TEXT_CHARS}")

@@ -155,10 +155,14 @@ class Sample(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["project", "content_hash"], name="sample_unique_content"),
+            # A sample is its bytes under its prompt: the same refusal under two prompts is two samples.
+            models.UniqueConstraint(
+                fields=["project", "prompt", "content_hash"], name="sample_unique_content"
+            ),
             models.UniqueConstraint(fields=["id", "prompt"], name="sample_id_prompt"),
+            # An empty text is a valid output (the model said nothing); a text sample has no media.
             models.CheckConstraint(
-                condition=(Q(modality="text") & ~Q(text="") & Q(media=""))
+                condition=(Q(modality="text") & Q(media=""))
                 | (Q(modality__in=["image", "video"]) & ~Q(media="")),
                 name="sample_payload_matches_modality",
             ),

@@ -212,7 +212,9 @@ def sample_create_media(
     except MediaError as exc:
         raise Invalid(f"{filename}: {exc}", code="bad_media") from exc
     _check_modality(project, info.modality)
-    existing = Sample.objects.filter(project=project, content_hash=info.content_hash).first()
+    existing = Sample.objects.filter(
+        project=project, prompt__text=prompt, content_hash=info.content_hash
+    ).first()
     if existing:
         return SampleResult(existing, False)
     with transaction.atomic():
@@ -227,7 +229,9 @@ def sample_create_media(
         except IntegrityError:
             # Same bytes uploaded concurrently: the other request stored it.
             sample.media.delete(save=False)
-            return SampleResult(Sample.objects.get(project=project, content_hash=info.content_hash), False)
+            return SampleResult(
+                Sample.objects.get(project=project, prompt=p, content_hash=info.content_hash), False
+            )
     return SampleResult(sample, True)
 
 
@@ -286,11 +290,13 @@ def sample_create_texts(
                 raise TooLarge(f"sample {i}: {exc}", details={"index": i}) from exc
             except MediaError as exc:
                 raise Invalid(f"sample {i}: {exc}", details={"index": i}) from exc
-            existing = Sample.objects.filter(project=project, content_hash=info.content_hash).first()
+            p = prompt_get_or_create(project=project, text=prompt_text)
+            existing = Sample.objects.filter(
+                project=project, prompt=p, content_hash=info.content_hash
+            ).first()
             if existing:
                 results.append(SampleResult(existing, False))
                 continue
-            p = prompt_get_or_create(project=project, text=prompt_text)
             gv = generator_version_get_or_create(
                 generator=str(item.get("generator") or ""), version=str(item.get("generator_version") or "")
             )

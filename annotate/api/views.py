@@ -1107,7 +1107,16 @@ class PreferencesImportView(APIView):
 
     @extend_schema(
         operation_id="preferences_import",
-        parameters=[OpenApiParameter("format", str, enum=["trl", "pickapic"])],
+        parameters=[
+            OpenApiParameter("format", str, enum=["trl", "pickapic"]),
+            OpenApiParameter(
+                "on_error",
+                str,
+                enum=["fail", "skip"],
+                description="fail (default): one broken row refuses the file and stores nothing; "
+                "skip: import the other rows and list the broken ones in `skipped_rows`",
+            ),
+        ],
         request={
             "multipart/form-data": inline_serializer(
                 "PreferencesImportUpload",
@@ -1115,6 +1124,9 @@ class PreferencesImportView(APIView):
                     "file": serializers.FileField(help_text="TRL JSONL or Pick-a-Pic Parquet"),
                     "format": serializers.ChoiceField(
                         choices=["trl", "pickapic"], required=False, help_text="if not in the query"
+                    ),
+                    "on_error": serializers.ChoiceField(
+                        choices=["fail", "skip"], required=False, help_text="if not in the query"
                     ),
                 },
             )
@@ -1128,6 +1140,13 @@ class PreferencesImportView(APIView):
                     "comparisons": serializers.IntegerField(),
                     "samples_created": serializers.IntegerField(),
                     "samples_reused": serializers.IntegerField(),
+                    "skipped": serializers.IntegerField(help_text="broken rows left out (on_error=skip)"),
+                    "skipped_rows": inline_serializer(
+                        "PreferencesSkippedRow",
+                        {"row": serializers.IntegerField(), "reason": serializers.CharField()},
+                        many=True,
+                        help_text="the first 1,000 skipped rows with the reason",
+                    ),
                 },
             ),
             **errors(*AUTHED_ERRORS, *BODY_ERRORS),
@@ -1144,7 +1163,10 @@ class PreferencesImportView(APIView):
             raise Invalid("upload the data as the 'file' field")
         form: Any = request.data
         fmt = request.query_params.get("format") or form.get("format") or ""
-        result = imports.preferences_import(project=project, actor=request.user, fmt=str(fmt), file=upload)
+        on_error = request.query_params.get("on_error") or form.get("on_error") or "fail"
+        result = imports.preferences_import(
+            project=project, actor=request.user, fmt=str(fmt), file=upload, on_error=str(on_error)
+        )
         return Response(
             {
                 "rows": result.rows,
@@ -1152,6 +1174,8 @@ class PreferencesImportView(APIView):
                 "comparisons": result.comparisons,
                 "samples_created": result.created,
                 "samples_reused": result.duplicates,
+                "skipped": result.skipped,
+                "skipped_rows": result.skipped_rows,
             },
             status=status.HTTP_201_CREATED,
         )

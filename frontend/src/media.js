@@ -21,6 +21,14 @@ function buildText(sample) {
   const el = document.createElement('div');
   el.className = 'rl-text rl-markdown';
   el.tabIndex = 0; // scrollable region reachable by keyboard
+  if (!sample.text || !sample.text.trim()) {
+    // An empty output is a real answer (the model said nothing); say so instead of a blank box.
+    const empty = document.createElement('em');
+    empty.className = 'rl-empty';
+    empty.textContent = '(empty response)';
+    el.appendChild(empty);
+    return el;
+  }
   el.innerHTML = renderMarkdown(sample.text); // markdown-it with html:false escapes raw HTML
   return el;
 }

@@ -20,6 +20,13 @@ class Command(BaseCommand):
         parser.add_argument("file")
         parser.add_argument("--format", required=True, choices=["trl", "pickapic"])
         parser.add_argument("--project", required=True, help="slug; created when missing")
+        parser.add_argument(
+            "--on-error",
+            dest="on_error",
+            choices=["fail", "skip"],
+            default="fail",
+            help="fail (default): one broken row refuses the file; skip: import the rest and list them",
+        )
         parser.add_argument("--as-user", dest="as_user", help="acting manager (default: first superuser)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
@@ -36,10 +43,15 @@ class Command(BaseCommand):
                     fmt=opts["format"],
                     file=fh,
                     progress=lambda n: bar.update(n - bar.n),
+                    on_error=opts["on_error"],
                 )
         except ServiceError as exc:
             raise CommandError(exc.message) from exc
         self.stdout.write(
             f"{result.rows} rows into {project.slug}: {result.judgments} judgments, {result.created} samples created, "
-            f"{result.duplicates} reused"
+            f"{result.duplicates} reused, {result.skipped} broken rows skipped"
         )
+        for skip in result.skipped_rows:
+            self.stdout.write(f"skipped row {skip['row']}: {skip['reason']}")
+        if result.skipped > len(result.skipped_rows):
+            self.stdout.write(f"... and {result.skipped - len(result.skipped_rows)} more skipped rows")
