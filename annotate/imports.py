@@ -34,10 +34,16 @@ from annotate.models import (
     Modality,
     Project,
     ProjectMember,
+    Prompt,
     Sample,
 )
 from annotate.selectors import member_role_require
-from annotate.services import generator_version_get_or_create, prompt_get_or_create, sample_build
+from annotate.services import (
+    generator_version_get_or_create,
+    prompt_get_or_create,
+    prompts_get_or_create,
+    sample_build,
+)
 from annotate.validation import check_json, clean_text
 
 Progress = Callable[[int], None] | None
@@ -568,106 +574,147 @@ def preferences_import(
         raise Invalid("preference imports need a pairwise project")
     result = ImportResult()
     skips = _Skips(result) if on_error == "skip" else None
-    pairs = []
-    for p in _trl_pairs(file, skips) if fmt == "trl" else _pickapic_pairs(file, skips):
-        try:
-            if p.first[0].content_hash == p.second[0].content_hash:
-                raise Invalid(f"row {p.row}: both sides are the same content", details={"row": p.row})
-            if p.outcome == "tie" and not project.allow_tie:
-                raise Invalid(
-                    f"row {p.row}: a tie, and this project does not allow ties", details={"row": p.row}
-                )
-        except Invalid as exc:
-            if skips is None:
-                raise
-            skips.add(p.row, exc)
-            continue
-        pairs.append(p)
-    if not pairs:
-        if result.skipped:
-            raise Invalid(
-                f"every row is broken ({result.skipped}); the first: {result.skipped_rows[0]['reason']}",
-                details={"skipped": result.skipped, "skipped_rows": result.skipped_rows[:20]},
-            )
-        raise Invalid("the file holds no rows")
-    result.rows = len(pairs) + result.skipped
     written: list[Sample] = []
     try:
         with transaction.atomic():
             # Inside the transaction: a failed import leaves no import user behind.
             user = _import_user(fmt)
             ProjectMember.objects.get_or_create(project=project, user=user, defaults={"role": "annotator"})
-            hashes = list({h for p in pairs for h in (p.first[0].content_hash, p.second[0].content_hash)})
-            # A sample is (prompt, content): the same refusal under two prompts is two samples.
-            by_hash: dict[tuple[int, str], int] = {}
-            for k in range(0, len(hashes), _BATCH_ROWS):
-                by_hash.update(
-                    ((prompt_id, chash), sid)
-                    for prompt_id, chash, sid in Sample.objects.filter(
-                        project=project, content_hash__in=hashes[k : k + _BATCH_ROWS]
-                    ).values_list("prompt_id", "content_hash", "id")
-                )
-            for n, p in enumerate(pairs, start=1):
-                prompt = prompt_get_or_create(project=project, text=p.prompt)
-                ids = []
-                for (info, payload), model in zip((p.first, p.second), p.models, strict=True):
-                    sid = by_hash.get((prompt.id, info.content_hash))
-                    if sid is None:
-                        gen, _, ver = model.partition("@")
-                        try:
-                            gv = generator_version_get_or_create(generator=gen, version=ver)
-                        except Invalid as exc:
-                            raise Invalid(f"row {p.row}: {exc.message}", details={"row": p.row}) from exc
-                        s = sample_build(
-                            project=project,
-                            prompt=prompt,
-                            gv=gv,
-                            info=info,
-                            metadata={"import": fmt, "row": p.row},
-                            text=payload if isinstance(payload, str) else "",
+            writer = _PairWriter(project=project, user=user, fmt=fmt, result=result, written=written)
+            chunk: list[_Pair] = []
+            for p in _trl_pairs(file, skips) if fmt == "trl" else _pickapic_pairs(file, skips):
+                try:
+                    if p.first[0].content_hash == p.second[0].content_hash:
+                        raise Invalid(f"row {p.row}: both sides are the same content", details={"row": p.row})
+                    if p.outcome == "tie" and not project.allow_tie:
+                        raise Invalid(
+                            f"row {p.row}: a tie, and this project does not allow ties",
+                            details={"row": p.row},
                         )
-                        if isinstance(payload, bytes):
-                            s.media.save(f"import.{info.extension}", ContentFile(payload), save=False)
-                            written.append(s)
-                        s.save()
-                        sid = by_hash[(prompt.id, info.content_hash)] = s.id
-                        result.created += 1
-                    else:
-                        result.duplicates += 1
-                    ids.append(sid)
-                c = Comparison.objects.create(
+                except Invalid as exc:
+                    if skips is None:
+                        raise
+                    skips.add(p.row, exc)
+                    continue
+                chunk.append(p)
+                if len(chunk) >= _PAIR_CHUNK:
+                    writer.write(chunk)
+                    chunk = []
+                    if progress:
+                        progress(result.comparisons)
+            if chunk:
+                writer.write(chunk)
+            if not result.comparisons:
+                if result.skipped:
+                    raise Invalid(
+                        f"every row is broken ({result.skipped}); the first: {result.skipped_rows[0]['reason']}",
+                        details={"skipped": result.skipped, "skipped_rows": result.skipped_rows[:20]},
+                    )
+                raise Invalid("the file holds no rows")
+            if progress:
+                progress(result.comparisons)
+    except BaseException:
+        for s in written:
+            s.media.delete(save=False)
+        raise
+    result.rows = result.comparisons + result.skipped
+    return result
+
+
+# Pairs written per round of set-based inserts: each round costs a handful of statements whatever
+# its size, so the rate stays flat from the first row to the millionth.
+_PAIR_CHUNK = 2000
+
+
+class _PairWriter:
+    """Writes chunks of validated pairs with one query or insert per table and chunk: prompts,
+    samples (reused when the same content is already stored under the same prompt), comparisons,
+    their sample positions and the judgments."""
+
+    def __init__(self, *, project: Project, user: Any, fmt: str, result: ImportResult, written: list[Sample]):
+        self.project, self.user, self.fmt, self.result, self.written = project, user, fmt, result, written
+        self.versions: dict[str, Any] = {}
+
+    def _version(self, row: int, model: str) -> Any:
+        if model not in self.versions:
+            gen, _, ver = model.partition("@")
+            try:
+                self.versions[model] = generator_version_get_or_create(generator=gen, version=ver)
+            except Invalid as exc:
+                raise Invalid(f"row {row}: {exc.message}", details={"row": row}) from exc
+        return self.versions[model]
+
+    def write(self, pairs: list[_Pair]) -> None:
+        project, result = self.project, self.result
+        prompt_ids = prompts_get_or_create(project=project, texts=[p.prompt for p in pairs])
+        hashes = list({h for p in pairs for h in (p.first[0].content_hash, p.second[0].content_hash)})
+        # A sample is (prompt, content): the same refusal under two prompts is two samples.
+        known: dict[tuple[int, str], int] = {
+            (prompt_id, chash): sid
+            for prompt_id, chash, sid in Sample.objects.filter(
+                project=project, content_hash__in=hashes, prompt_id__in=set(prompt_ids.values())
+            ).values_list("prompt_id", "content_hash", "id")
+        }
+        new: dict[tuple[int, str], Sample] = {}
+        for p in pairs:
+            prompt_id = prompt_ids[p.prompt]
+            for (info, payload), model in zip((p.first, p.second), p.models, strict=True):
+                key = (prompt_id, info.content_hash)
+                if key in known or key in new:
+                    result.duplicates += 1
+                    continue
+                s = sample_build(
                     project=project,
-                    prompt=prompt,
+                    prompt=Prompt(id=prompt_id, project=project),
+                    gv=self._version(p.row, model),
+                    info=info,
+                    metadata={"import": self.fmt, "row": p.row},
+                    text=payload if isinstance(payload, str) else "",
+                )
+                if isinstance(payload, bytes):
+                    s.media.save(f"import.{info.extension}", ContentFile(payload), save=False)
+                    self.written.append(s)
+                new[key] = s
+        Sample.objects.bulk_create(list(new.values()))
+        result.created += len(new)
+        known.update({key: s.id for key, s in new.items()})
+        comparisons = Comparison.objects.bulk_create(
+            [
+                Comparison(
+                    project=project,
+                    prompt_id=prompt_ids[p.prompt],
                     origin=Comparison.Origin.IMPORT,
                     overlap=1,
                     slots_taken=1,
                     judgments_count=1,
                     status=Comparison.Status.COMPLETE,
                 )
-                ComparisonSample.objects.bulk_create(
-                    [
-                        ComparisonSample(comparison=c, sample_id=sid, prompt=prompt, position=pos)
-                        for pos, sid in enumerate(ids)
-                    ]
-                )
-                Judgment.objects.create(
+                for p in pairs
+            ]
+        )
+        entries, judgments = [], []
+        for p, c in zip(pairs, comparisons, strict=True):
+            prompt_id = prompt_ids[p.prompt]
+            ids = [known[(prompt_id, p.first[0].content_hash)], known[(prompt_id, p.second[0].content_hash)]]
+            entries += [
+                ComparisonSample(comparison=c, sample_id=sid, prompt_id=prompt_id, position=pos)
+                for pos, sid in enumerate(ids)
+            ]
+            judgments.append(
+                Judgment(
                     project=project,
                     comparison=c,
-                    annotator=user,
+                    annotator=self.user,
                     outcome=p.outcome,
                     winner_id={"a": ids[0], "b": ids[1]}.get(p.outcome),
                     displayed_order=ids,
                     source=Judgment.Source.IMPORT,
                 )
-                result.comparisons += 1
-                result.judgments += 1
-                if progress:
-                    progress(n)
-    except BaseException:
-        for s in written:
-            s.media.delete(save=False)
-        raise
-    return result
+            )
+        ComparisonSample.objects.bulk_create(entries)
+        Judgment.objects.bulk_create(judgments)
+        result.comparisons += len(pairs)
+        result.judgments += len(pairs)
 
 
 def project_for_import(*, slug: str, actor: Any, fmt: str) -> Project:

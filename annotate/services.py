@@ -169,6 +169,31 @@ def prompt_get_or_create(*, project: Project, text: str, metadata: dict[str, Any
     return prompt
 
 
+def prompts_get_or_create(*, project: Project, texts: Sequence[str]) -> dict[str, int]:
+    """Ids of the project's prompts with these texts (the same rules as ``prompt_get_or_create``),
+    creating the missing ones: one query and one insert for the lot (imports write thousands)."""
+    cleaned: dict[str, str] = {}
+    for text in texts:
+        if text not in cleaned:
+            value = clean_text(text, field="prompt")
+            if not value.strip():
+                raise Invalid("prompt text is empty")
+            cleaned[text] = value
+    by_hash = {_text_hash(v): v for v in cleaned.values()}
+    ids = dict(
+        Prompt.objects.filter(project=project, text_hash__in=list(by_hash)).values_list("text_hash", "id")
+    )
+    missing = [Prompt(project=project, text=v, text_hash=h) for h, v in by_hash.items() if h not in ids]
+    if missing:
+        Prompt.objects.bulk_create(missing, ignore_conflicts=True)
+        ids.update(
+            Prompt.objects.filter(project=project, text_hash__in=[p.text_hash for p in missing]).values_list(
+                "text_hash", "id"
+            )
+        )
+    return {text: ids[_text_hash(value)] for text, value in cleaned.items()}
+
+
 def generator_version_get_or_create(*, generator: str, version: str = "") -> GeneratorVersion | None:
     generator = clean_text(generator, field="generator", max_length=200, strip=True)
     version = clean_text(version, field="generator_version", max_length=200, strip=True)
