@@ -23,8 +23,10 @@ from typing import IO, Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.files.base import ContentFile
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 
+from annotate.bulk import TableCopier, reserve_ids
 from annotate.errors import Conflict, Invalid, ServiceError, TooLarge
 from annotate.media import MediaError, MediaInfo, MediaTooLarge, inspect_media, inspect_text
 from annotate.models import (
@@ -631,9 +633,52 @@ class _PairWriter:
     samples (reused when the same content is already stored under the same prompt), comparisons,
     their sample positions and the judgments."""
 
+    SAMPLE_FIELDS = (
+        "id", "project_id", "prompt_id", "generator_version_id", "modality", "mime_type", "text", "media",
+        "content_hash", "byte_size", "width", "height", "duration", "frames", "fps", "metadata",
+    )  # fmt: skip
+
     def __init__(self, *, project: Project, user: Any, fmt: str, result: ImportResult, written: list[Sample]):
         self.project, self.user, self.fmt, self.result, self.written = project, user, fmt, result, written
         self.versions: dict[str, Any] = {}
+        now = timezone.now()
+        self.samples = TableCopier(Sample, list(self.SAMPLE_FIELDS), now=now)
+        self.comparisons = TableCopier(
+            Comparison,
+            [
+                "id",
+                "project_id",
+                "prompt_id",
+                "origin",
+                "overlap",
+                "slots_taken",
+                "judgments_count",
+                "status",
+            ],
+            now=now,
+        )
+        self.entries = TableCopier(
+            ComparisonSample, ["id", "comparison_id", "sample_id", "prompt_id", "position"], now=now
+        )
+        self.judgments = TableCopier(
+            Judgment,
+            [
+                "id",
+                "project_id",
+                "comparison_id",
+                "annotator_id",
+                "outcome",
+                "winner_id",
+                "displayed_order",
+                "source",
+            ],
+            now=now,
+        )
+        connection.ensure_connection()
+        self.cursor = connection.connection.cursor()  # raw psycopg, same transaction: COPY
+        # Check foreign keys as each COPY runs (parents are written first) instead of queueing
+        # millions of deferred checks for the commit.
+        self.cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
     def _version(self, row: int, model: str) -> Any:
         if model not in self.versions:
@@ -675,44 +720,48 @@ class _PairWriter:
                     s.media.save(f"import.{info.extension}", ContentFile(payload), save=False)
                     self.written.append(s)
                 new[key] = s
-        Sample.objects.bulk_create(list(new.values()))
+        cur = self.cursor
+        fresh = list(new.values())
+        for s, sid in zip(fresh, reserve_ids(cur, Sample, len(fresh)), strict=True):
+            s.id = sid
+        self.samples.copy(
+            cur,
+            [
+                tuple(
+                    json.dumps(s.metadata)
+                    if f == "metadata"
+                    else (s.media.name or "")
+                    if f == "media"
+                    else getattr(s, f)
+                    for f in self.SAMPLE_FIELDS
+                )
+                for s in fresh
+            ],
+        )
         result.created += len(new)
         known.update({key: s.id for key, s in new.items()})
-        comparisons = Comparison.objects.bulk_create(
+        cids = reserve_ids(cur, Comparison, len(pairs))
+        complete = Comparison.Status.COMPLETE.value
+        origin = Comparison.Origin.IMPORT.value
+        self.comparisons.copy(
+            cur,
             [
-                Comparison(
-                    project=project,
-                    prompt_id=prompt_ids[p.prompt],
-                    origin=Comparison.Origin.IMPORT,
-                    overlap=1,
-                    slots_taken=1,
-                    judgments_count=1,
-                    status=Comparison.Status.COMPLETE,
-                )
-                for p in pairs
-            ]
+                (cid, project.id, prompt_ids[p.prompt], origin, 1, 1, 1, complete)
+                for p, cid in zip(pairs, cids, strict=True)
+            ],
         )
+        entry_ids = iter(reserve_ids(cur, ComparisonSample, 2 * len(pairs)))
+        jids = reserve_ids(cur, Judgment, len(pairs))
         entries, judgments = [], []
-        for p, c in zip(pairs, comparisons, strict=True):
+        source = Judgment.Source.IMPORT.value
+        for p, cid, jid in zip(pairs, cids, jids, strict=True):
             prompt_id = prompt_ids[p.prompt]
             ids = [known[(prompt_id, p.first[0].content_hash)], known[(prompt_id, p.second[0].content_hash)]]
-            entries += [
-                ComparisonSample(comparison=c, sample_id=sid, prompt_id=prompt_id, position=pos)
-                for pos, sid in enumerate(ids)
-            ]
-            judgments.append(
-                Judgment(
-                    project=project,
-                    comparison=c,
-                    annotator=self.user,
-                    outcome=p.outcome,
-                    winner_id={"a": ids[0], "b": ids[1]}.get(p.outcome),
-                    displayed_order=ids,
-                    source=Judgment.Source.IMPORT,
-                )
-            )
-        ComparisonSample.objects.bulk_create(entries)
-        Judgment.objects.bulk_create(judgments)
+            entries += [(next(entry_ids), cid, sid, prompt_id, pos) for pos, sid in enumerate(ids)]
+            winner = {"a": ids[0], "b": ids[1]}.get(p.outcome)
+            judgments.append((jid, project.id, cid, self.user.id, p.outcome, winner, json.dumps(ids), source))
+        self.entries.copy(cur, entries)
+        self.judgments.copy(cur, judgments)
         result.comparisons += len(pairs)
         result.judgments += len(pairs)
 

@@ -133,55 +133,6 @@ def _user(username: str, *, password_hash: str, staff: bool = False) -> Any:
     return user
 
 
-class _Copier:
-    """COPY rows into one model's table: the caller gives the columns it varies (by attname, in
-    order); every other column gets the model field's own default, so a new field with a default
-    needs no change here. A new required field without one fails loudly, naming it."""
-
-    def __init__(self, model: Any, given: list[str], *, now: datetime) -> None:
-        from django.db import connection
-
-        by_attname = {f.attname: f for f in model._meta.concrete_fields}
-        unknown = [a for a in given if a not in by_attname]
-        if unknown:
-            raise RuntimeError(f"{model.__name__} has no columns {unknown}; update bench/annotation_load.py")
-        extra = []
-        for f in model._meta.concrete_fields:
-            if f.attname in given:
-                continue
-            if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False):
-                value = now
-            elif f.has_default():
-                value = f.get_db_prep_save(f.get_default(), connection)
-            elif f.null:
-                value = None
-            else:
-                raise RuntimeError(
-                    f"{model.__name__}.{f.name} is required and has no default: "
-                    "update bench/annotation_load.py to fill it"
-                )
-            extra.append((f.column, value))
-        quote = connection.ops.quote_name
-        columns = [quote(by_attname[a].column) for a in given] + [quote(c) for c, _ in extra]
-        self.sql = f"COPY {quote(model._meta.db_table)} ({', '.join(columns)}) FROM STDIN"
-        self.tail = tuple(v for _, v in extra)
-
-    def copy(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
-        tail = self.tail
-        with cursor.copy(self.sql) as cp:
-            for row in rows:
-                cp.write_row(row + tail)
-
-
-def _reserve_ids(cursor: Any, model: Any, n: int) -> list[int]:
-    """Take n ids from the table's own sequence, so rows can reference each other before insert."""
-    cursor.execute(
-        "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
-        (model._meta.db_table, model._meta.pk.column, n),
-    )
-    return [row[0] for row in cursor.fetchall()]
-
-
 def cmd_seed(args: argparse.Namespace) -> int:
     if not 1 <= args.comparisons <= MAX_COMPARISONS:
         raise SystemExit(f"--comparisons must be between 1 and {MAX_COMPARISONS}")
@@ -194,6 +145,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     from django.utils import timezone
     from rest_framework.authtoken.models import Token
 
+    from annotate.bulk import TableCopier, reserve_ids
     from annotate.models import (
         Comparison,
         ComparisonSample,
@@ -252,8 +204,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
             total_rows += m * args.overlap
         now = timezone.now()
         pid, gva, gvb = project.id, versions[0].id, versions[1].id
-        prompt_rows = _Copier(Prompt, ["id", "project_id", "text", "text_hash"], now=now)
-        sample_rows = _Copier(
+        prompt_rows = TableCopier(Prompt, ["id", "project_id", "text", "text_hash"], now=now)
+        sample_rows = TableCopier(
             Sample,
             [
                 "id",
@@ -269,13 +221,13 @@ def cmd_seed(args: argparse.Namespace) -> int:
             now=now,
         )
         judged = bool(getattr(args, "judged", False))
-        comparison_rows = _Copier(
+        comparison_rows = TableCopier(
             Comparison,
             ["id", "project_id", "prompt_id", "priority", "origin", "overlap"]
             + (["slots_taken", "judgments_count", "status"] if judged else []),
             now=now,
         )
-        judgment_rows = _Copier(
+        judgment_rows = TableCopier(
             Judgment,
             [
                 "id",
@@ -290,7 +242,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
             ],
             now=now,
         )
-        entry_rows = _Copier(
+        entry_rows = TableCopier(
             ComparisonSample, ["id", "comparison_id", "sample_id", "prompt_id", "position"], now=now
         )
         connection.ensure_connection()
@@ -303,7 +255,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
             for start in range(0, m, BATCH):
                 idx = range(start, min(m, start + BATCH))
                 n = len(idx)
-                prompt_ids = _reserve_ids(cur, Prompt, n)
+                prompt_ids = reserve_ids(cur, Prompt, n)
                 prompts = []
                 for i, prompt_id in zip(idx, prompt_ids, strict=True):
                     text = f"Bench prompt #{i}: explain topic {i % 97} to a new colleague."
@@ -311,7 +263,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
                 prompt_rows.copy(cur, prompts)
                 bar.update(n)
 
-                sample_ids = _reserve_ids(cur, Sample, 2 * n)
+                sample_ids = reserve_ids(cur, Sample, 2 * n)
                 samples: list[tuple[Any, ...]] = []
                 for j, i in enumerate(idx):
                     for variant, version_id in (("a", gva), ("b", gvb)):
@@ -334,7 +286,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
                 sample_rows.copy(cur, samples)
                 bar.update(2 * n)
 
-                comparison_ids = _reserve_ids(cur, Comparison, n)
+                comparison_ids = reserve_ids(cur, Comparison, n)
                 comparison_rows.copy(
                     cur,
                     [
@@ -352,7 +304,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
                 )
                 bar.update(n)
 
-                entry_ids = iter(_reserve_ids(cur, ComparisonSample, 2 * n))
+                entry_ids = iter(reserve_ids(cur, ComparisonSample, 2 * n))
                 entries = []
                 for j, (cid, prompt_id) in enumerate(zip(comparison_ids, prompt_ids, strict=True)):
                     pair = [samples[2 * j][0], samples[2 * j + 1][0]]
@@ -363,7 +315,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
                 bar.update(2 * n)
                 if judged:
                     # Every comparison fully judged by the first `overlap` annotators (export benchmark).
-                    judgment_ids = iter(_reserve_ids(cur, Judgment, n * args.overlap))
+                    judgment_ids = iter(reserve_ids(cur, Judgment, n * args.overlap))
                     rows = []
                     for j, cid in enumerate(comparison_ids):
                         pair = [entries[2 * j][2], entries[2 * j + 1][2]]
@@ -387,6 +339,15 @@ def cmd_seed(args: argparse.Namespace) -> int:
                             )
                     judgment_rows.copy(cur, rows)
                     bar.update(len(rows))
+                copiers = [prompt_rows, sample_rows, comparison_rows, entry_rows] + (
+                    [judgment_rows] if judged else []
+                )
+                bar.set_postfix_str(
+                    " ".join(
+                        f"{c.table.removeprefix('annotate_')}={c.chunk_rates[-1]:,.0f}/s" for c in copiers
+                    ),
+                    refresh=False,
+                )
             cur.close()
         copied = time.perf_counter()
 
