@@ -533,53 +533,34 @@ def _finetune(
     holdout = split.holdout if split.holdout.num_pairs else None
     result: Any
     if job.encoder.family == "text":
-        from rewards.ml.finetune.text import TextPairs
-        from rewards.ml.finetune.text import train as text_train
+        from rewards.ml.finetune.text import TextPairs as Pairs
+        from rewards.ml.finetune.text import train as finetune_train
 
-        texts = [by_id[sid].text for sid in ids]
-
-        def text_pairs(ps: Any) -> TextPairs:
-            return TextPairs(
-                texts=texts,
-                prompts=prompts,
-                a=ps.a,
-                b=ps.b,
-                outcome=ps.outcome,
-                weight=ps.weight,
-                groups=ps.comparison,
-            )
-
-        result = text_train(
-            config,
-            text_pairs(split.train),
-            encoder_path=job.encoder.path,
-            holdout=text_pairs(holdout) if holdout is not None else None,
-            progress=on_progress,
-        )
+        items: dict[str, Any] = {"texts": [by_id[sid].text for sid in ids]}
     else:
-        from rewards.ml.finetune.trainer import ImagePairs
-        from rewards.ml.finetune.trainer import train as image_train
+        from rewards.ml.finetune.trainer import ImagePairs as Pairs  # type: ignore[assignment]
+        from rewards.ml.finetune.trainer import train as finetune_train  # type: ignore[assignment]
 
-        images = [sample_image_open(by_id[sid]) for sid in ids]
+        items = {"images": [sample_image_open(by_id[sid]) for sid in ids]}
 
-        def image_pairs(ps: Any) -> ImagePairs:
-            return ImagePairs(
-                images=images,
-                prompts=prompts,
-                a=ps.a,
-                b=ps.b,
-                outcome=ps.outcome,
-                weight=ps.weight,
-                groups=ps.comparison,
-            )
-
-        result = image_train(
-            config,
-            image_pairs(split.train),
-            encoder_path=job.encoder.path,
-            holdout=image_pairs(holdout) if holdout is not None else None,
-            progress=on_progress,
+    def pairs_of(ps: Any) -> Any:
+        return Pairs(
+            **items,
+            prompts=prompts,
+            a=ps.a,
+            b=ps.b,
+            outcome=ps.outcome,
+            weight=ps.weight,
+            groups=ps.comparison,
         )
+
+    result = finetune_train(
+        config,
+        pairs_of(split.train),
+        encoder_path=job.encoder.path,
+        holdout=pairs_of(holdout) if holdout is not None else None,
+        progress=on_progress,
+    )
     directory = _models_root() / job.project.slug / f"job{job.id}-finetune"
     result.save_pretrained(directory)
     encoder = encoder_register(path=str(directory / "encoder"))

@@ -24,6 +24,7 @@ from rewards.ml.heads import (
     cosine_lr,
     decisive_logit,
     initial_tie_param,
+    inner_split,
     pair_nll,
     scorer_inputs,
     standardiser_sample,
@@ -137,32 +138,6 @@ def merged(model: nn.Module) -> tuple[nn.Module, Adapter | None]:
 
 
 # --- Inner validation split, early stopping, temperature -------------------------------------------
-
-
-def inner_split(
-    n: int, groups: np.ndarray | None, *, fraction: float, min_pairs: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (sorted) of the ``n`` training pairs that train and of those that validate.
-
-    About ``fraction`` of the pairs validate, whole groups at a time (the comparison each pair came from,
-    when ``groups`` is given: two annotators' votes on one comparison must not sit on both sides). When
-    ``fraction`` is 0 or either side would have fewer than ``min_pairs`` pairs, every pair trains and the
-    validation side is empty (then nothing stops early and the temperature stays 1)."""
-    everything = np.arange(n)
-    wanted = round(fraction * n)
-    if fraction <= 0 or wanted < min_pairs or n - wanted < min_pairs:
-        return everything, everything[:0]
-    keys = np.arange(n) if groups is None else np.asarray(groups)
-    distinct, inverse = np.unique(keys, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    sizes = np.bincount(inverse, minlength=len(distinct))
-    order = rng.permutation(len(distinct))
-    # Take whole groups in random order until the validation side has its share.
-    taken = order[: int(np.searchsorted(np.cumsum(sizes[order]), wanted) + 1)]
-    val_mask = np.isin(inverse, taken)
-    if val_mask.sum() < min_pairs or (~val_mask).sum() < min_pairs:
-        return everything, everything[:0]
-    return everything[~val_mask], everything[val_mask]
 
 
 class EarlyStopping:
@@ -306,12 +281,9 @@ def fit(
     (``inner_split``), stops early on its loss, restores the best weights, then fits and folds the
     temperature. ``holdout_metrics()`` is reported at each evaluation epoch (``is_eval_epoch``).
     """
+    # The heads' rule (``rewards.ml.heads.inner_split``), so every kind splits its pairs alike.
     train_idx, val_idx = inner_split(
-        len(a),
-        None if groups is None else groups,
-        fraction=config.val_fraction,
-        min_pairs=config.min_val_pairs,
-        rng=rng,
+        len(a), groups, fraction=config.val_fraction, min_pairs=config.min_val_pairs, seed=config.seed
     )
     target_t = torch.as_tensor(target, device=device)[:, None]
     weight_t = torch.as_tensor(weight, device=device, dtype=torch.float32)[:, None]
