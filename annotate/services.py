@@ -171,27 +171,47 @@ def prompt_get_or_create(*, project: Project, text: str, metadata: dict[str, Any
 
 def prompts_get_or_create(*, project: Project, texts: Sequence[str]) -> dict[str, int]:
     """Ids of the project's prompts with these texts (the same rules as ``prompt_get_or_create``),
-    creating the missing ones: one query and one insert for the lot (imports write thousands)."""
-    cleaned: dict[str, str] = {}
+    creating the missing ones: one lookup and one insert for the lot, as arrays (imports write
+    thousands a chunk; a model instance each would cost more than the database does)."""
+    hashed: dict[str, str] = {}  # text -> hash
+    by_hash: dict[str, str] = {}  # hash -> text
     for text in texts:
-        if text not in cleaned:
+        if text not in hashed:
             value = clean_text(text, field="prompt")
             if not value.strip():
                 raise Invalid("prompt text is empty")
-            cleaned[text] = value
-    by_hash = {_text_hash(v): v for v in cleaned.values()}
-    ids = dict(
-        Prompt.objects.filter(project=project, text_hash__in=list(by_hash)).values_list("text_hash", "id")
-    )
-    missing = [Prompt(project=project, text=v, text_hash=h) for h, v in by_hash.items() if h not in ids]
-    if missing:
-        Prompt.objects.bulk_create(missing, ignore_conflicts=True)
-        ids.update(
-            Prompt.objects.filter(project=project, text_hash__in=[p.text_hash for p in missing]).values_list(
-                "text_hash", "id"
+            hashed[text] = h = _text_hash(value)
+            by_hash[h] = value
+    table = connection.ops.quote_name(Prompt._meta.db_table)
+    # Hashes travel as one comma-joined string (they are hex) and texts by COPY: adapting a list
+    # of thousands of long texts to an array parameter costs more than the insert.
+    lookup = f"SELECT text_hash, id FROM {table} WHERE project_id = %s AND text_hash = ANY(string_to_array(%s, ','))"
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(lookup, [project.id, ",".join(by_hash)])
+        ids: dict[str, int] = dict(cur.fetchall())
+        missing = [h for h in by_hash if h not in ids]
+        if missing:
+            raw = cur.cursor  # psycopg's own, for COPY
+            raw.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS rl_prompt_stage (text text, text_hash text) ON COMMIT DROP"
             )
-        )
-    return {text: ids[_text_hash(value)] for text, value in cleaned.items()}
+            raw.execute("TRUNCATE rl_prompt_stage")
+            with raw.copy("COPY rl_prompt_stage (text, text_hash) FROM STDIN") as cp:
+                for h in missing:
+                    cp.write_row((by_hash[h], h))
+            # ON CONFLICT: another import may add the same prompt meanwhile; it is looked up after.
+            cur.execute(
+                f"INSERT INTO {table} (project_id, text, text_hash, metadata, created_at)"
+                " SELECT %s, s.text, s.text_hash, '{}'::jsonb, %s FROM rl_prompt_stage s"
+                " ON CONFLICT DO NOTHING RETURNING text_hash, id",
+                [project.id, timezone.now()],
+            )
+            ids.update(cur.fetchall())
+            rest = [h for h in missing if h not in ids]
+            if rest:
+                cur.execute(lookup, [project.id, ",".join(rest)])
+                ids.update(cur.fetchall())
+    return {text: ids[h] for text, h in hashed.items()}
 
 
 def generator_version_get_or_create(*, generator: str, version: str = "") -> GeneratorVersion | None:
