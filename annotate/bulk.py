@@ -69,3 +69,27 @@ def reserve_ids(cursor: Any, model: Any, n: int) -> list[int]:
         _SEQUENCES[table] = cursor.fetchone()[0]
     cursor.execute("SELECT nextval(%s::regclass) FROM generate_series(1, %s)", (_SEQUENCES[table], n))
     return [row[0] for row in cursor.fetchall()]
+
+
+def bulk_load_settings(cursor: Any, models: list[Any]) -> None:
+    """Settings for a bulk load into these models' tables (call in its transaction, before the
+    first COPY).
+
+    Foreign keys are checked as each COPY runs (parents are written first) instead of queueing
+    millions of deferred checks for the commit.
+
+    And no VACUUM or ANALYZE of the tables until the commit. A load's rows are invisible to other
+    sessions until then, so a VACUUM that runs meanwhile (autovacuum does, e.g. after ``--reset``
+    deleted a project) records a table of millions of pages as holding no rows. The load's cached
+    foreign-key check plans are replanned against that, and with every index estimated at no
+    rows, the cheapest on paper can be one the key is not a prefix of: each comparison entry's
+    (sample, prompt) check scanned ``sample_unique_content`` by ``prompt_id`` from end to end, and
+    a seed writing 80,000 rows/s fell to 100 (issue 11; docs/BENCHMARKS.md). SHARE UPDATE
+    EXCLUSIVE is the lock VACUUM and ANALYZE take and conflicts with no reads or writes, so
+    labeling goes on; autovacuum skips locked tables and comes back after the commit, when the
+    rows count. Two bulk loads into the same tables run one after the other."""
+    from django.db import connection
+
+    cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    tables = ", ".join(connection.ops.quote_name(m._meta.db_table) for m in models)
+    cursor.execute(f"LOCK TABLE {tables} IN SHARE UPDATE EXCLUSIVE MODE")

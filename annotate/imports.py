@@ -28,7 +28,7 @@ from django.core.files.base import ContentFile
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from annotate.bulk import TableCopier, reserve_ids
+from annotate.bulk import TableCopier, bulk_load_settings, reserve_ids
 from annotate.errors import Conflict, Invalid, ServiceError, TooLarge
 from annotate.media import MediaError, MediaInfo, MediaTooLarge, inspect_media, inspect_text
 from annotate.models import (
@@ -38,6 +38,7 @@ from annotate.models import (
     Modality,
     Project,
     ProjectMember,
+    Prompt,
     Sample,
 )
 from annotate.selectors import member_role_require
@@ -747,9 +748,7 @@ class _PairWriter:
         )
         connection.ensure_connection()
         self.cursor = connection.connection.cursor()  # raw psycopg, same transaction: COPY
-        # Check foreign keys as each COPY runs (parents are written first) instead of queueing
-        # millions of deferred checks for the commit.
-        self.cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        bulk_load_settings(self.cursor, [Prompt, Sample, Comparison, ComparisonSample, Judgment])
 
     def _version(self, row: int, model: str) -> int | None:
         if model not in self.versions:

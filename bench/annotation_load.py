@@ -117,6 +117,11 @@ def _reset_project(slug: str) -> int:
                 cur.execute(f"DELETE FROM {q(table)} WHERE project_id = %s", [project.id])
                 deleted += cur.rowcount
         n, _ = Project.objects.filter(pk=project.pk).delete()
+    # Now, before the seed: a VACUUM of the dead rows while the seed's own are still uncommitted
+    # would record the tables as empty (annotate/bulk.py, bulk_load_settings).
+    with connection.cursor() as cur:
+        for model in (Judgment, Assignment, ComparisonSample, Comparison, Sample, Prompt):
+            cur.execute(f"VACUUM (ANALYZE) {q(model._meta.db_table)}")
     return deleted + n
 
 
@@ -145,7 +150,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     from django.utils import timezone
     from rest_framework.authtoken.models import Token
 
-    from annotate.bulk import TableCopier, reserve_ids
+    from annotate.bulk import TableCopier, bulk_load_settings, reserve_ids
     from annotate.models import (
         Comparison,
         ComparisonSample,
@@ -248,9 +253,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
         connection.ensure_connection()
         t_copy = time.perf_counter()
         cur = connection.connection.cursor()  # the raw psycopg cursor, for COPY; same transaction
-        # Check foreign keys per COPY rather than queue ~1.5M deferred checks for the commit: the
-        # tables are filled parents first, so every check passes as it runs.
-        cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        # Foreign keys checked per COPY (parents first), and no VACUUM mid-load: after --reset one
+        # would record the tables as empty and wreck the checks' plans (annotate/bulk.py).
+        bulk_load_settings(cur, [Prompt, Sample, Comparison, ComparisonSample, Judgment])
         with tqdm(total=total_rows, unit="row", unit_scale=True, desc="seed", smoothing=0.1) as bar:
             for start in range(0, m, BATCH):
                 idx = range(start, min(m, start + BATCH))
