@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> None:
     import annotation_load
     from django.core.management import call_command
 
-
     call_command("migrate", verbosity=0)
     print(f"machine: {annotation_load.machine_info()}", flush=True)
     tmp = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False)  # noqa: SIM115 (removed below)

@@ -53,12 +53,14 @@ DOUBLE_SEP = ("roberta", "xlm-roberta", "mpnet")
 class TextInputs:
     """Token ids of S samples, built once, as the encoder will read them.
 
-    ``text_input="response"``: ``[CLS] response [SEP]``, truncated to ``max_length`` (exactly what
-    ``tokenizer(response, truncation=True, max_length=max_length)`` gives). ``"joint"``: the text pair
-    ``[CLS] prompt [SEP] response [SEP]`` (token type 0 for the prompt part, 1 for the response part, when the
-    model uses token types), exactly what ``tokenizer(prompt, response)`` gives when it fits. When it does not,
-    the response is kept whole if it fits on its own (else its first tokens) and the prompt gives up its
-    BEGINNING: a conversation's last turns are what the response answers.
+        ``text_input="response"``: ``[CLS] response [SEP]``, truncated to ``max_length`` (exactly what
+        ``tokenizer(response, truncation=True, max_length=max_length)`` gives). ``"joint"``: the text pair
+        ``[CLS] prompt [SEP] response [SEP]`` (token type 0 for the prompt part, 1 for the response part, when the
+        model uses token types), exactly what ``tokenizer(prompt, response)`` gives when it fits, except that an empty
+    response keeps its empty segment (``[CLS] prompt [SEP] [SEP]``; the tokenizer drops it, and "said nothing" would
+    read as the prompt alone). When it does not fit,
+        the response is kept whole if it fits on its own (else its first tokens) and the prompt gives up its
+        BEGINNING: a conversation's last turns are what the response answers.
     """
 
     def __init__(
