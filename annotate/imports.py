@@ -653,7 +653,8 @@ class _Prefetch:
     _END = object()
 
     def __init__(self, items: Iterator[Any], depth: int = 2) -> None:
-        self.items, self.queue = items, queue.Queue(maxsize=depth)
+        self.items = items
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="import-reader", daemon=True)
 
@@ -764,8 +765,9 @@ class _PairWriter:
         """Stores an image's bytes where an uploaded sample's would go; returns the name."""
         holder = Sample(project_id=self.project.id, content_hash=info.content_hash)
         holder.media.save(f"import.{info.extension}", ContentFile(payload), save=False)
-        self.written.append(holder.media.name)
-        return holder.media.name
+        name = str(holder.media.name)
+        self.written.append(name)
+        return name
 
     def _known(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], int]:
         """Ids of the samples already stored under these (prompt, content hash) keys."""

@@ -132,7 +132,8 @@ def run(n: int, path: Path) -> None:
     rates, rss = [], []
     prev = (0, 0.0, rss0)
     for k in range(1, 11):
-        hi = min(marks, key=lambda m, k=k: abs(m[0] - n * k // 10))
+        target = n * k // 10
+        hi = min(marks, key=lambda m: abs(m[0] - target))
         if hi[1] > prev[1]:
             rates.append((hi[0] - prev[0]) / (hi[1] - prev[1]))
             rss.append(hi[2])

@@ -49,7 +49,7 @@ def test_a_long_prompt_gives_up_its_beginning_and_the_response_stays_whole(bert:
     joint = TextInputs(tok, "bert", [text], [prompt], text_input="joint", max_length=32)
     ids = joint.ids[0]
     assert len(ids) == 32
-    decoded = tok.decode(ids, skip_special_tokens=True)
+    decoded = str(tok.decode(ids, skip_special_tokens=True))
     assert decoded.endswith("final question the answer")
     assert "turn0 " not in decoded
 
@@ -88,7 +88,7 @@ def test_lora_learns_an_easy_preference_and_loads_back(bert: Path, tmp_path: Pat
         num_threads=1,
         device="cpu",
     )
-    seen = []
+    seen: list[object] = []
     model = train(config, pairs, encoder_path=bert, holdout=holdout, progress=seen.append)
     assert seen
     scores = model.score_texts(list(holdout.texts), list(holdout.prompts or []))
