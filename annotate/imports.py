@@ -47,6 +47,7 @@ from annotate.services import (
     prompt_get_or_create,
     prompts_get_or_create,
     sample_build,
+    with_media_extra,
 )
 from annotate.validation import check_json, clean_text
 
@@ -772,7 +773,7 @@ class _PairWriter:
     def _known(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], int]:
         """Ids of the samples already stored under these (prompt, content hash) keys."""
         self.cursor.execute(
-            "SELECT s.prompt_id, s.content_hash, s.id FROM annotate_sample s"
+            f"SELECT s.prompt_id, s.content_hash, s.id FROM {connection.ops.quote_name(Sample._meta.db_table)} s"
             " JOIN unnest(string_to_array(%s, ',')::bigint[], string_to_array(%s, ',')) AS u(p, h)"
             " ON s.project_id = %s AND s.prompt_id = u.p AND s.content_hash = u.h",
             # Ids and hex hashes as comma-joined strings: far cheaper to send than array parameters.
@@ -806,10 +807,7 @@ class _PairWriter:
                 media, text = (
                     (self._media(info, payload), "") if isinstance(payload, bytes) else ("", payload)
                 )
-                meta = {"import": self.fmt, "row": p.row}
-                if info.extra:  # what decoding the media found (e.g. a codec)
-                    meta.update({k: v for k, v in info.extra.items() if k not in meta})
-                    check_json(meta, field=f"row {p.row}: metadata")
+                meta = with_media_extra({"import": self.fmt, "row": p.row}, info)
                 rows.append((
                     sid, project.id, prompt_id, self._version(p.row, model), info.modality, info.mime_type,
                     text, media, info.content_hash, info.byte_size, info.width, info.height, info.duration,

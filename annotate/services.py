@@ -280,6 +280,14 @@ def sample_create_media(
     return SampleResult(sample, True)
 
 
+def with_media_extra(meta: dict[str, Any], info: MediaInfo) -> dict[str, Any]:
+    """``meta`` with what the media inspection found (e.g. the codec) under the keys it does not
+    set itself; ``meta`` wins. Changes and returns ``meta``."""
+    for k, v in info.extra.items():
+        meta.setdefault(k, v)
+    return meta
+
+
 def sample_build(
     *,
     project: Project,
@@ -291,8 +299,7 @@ def sample_build(
 ) -> Sample:
     """An unsaved Sample from validated media/text info; ``metadata`` wins over what the media
     inspection found (e.g. the codec)."""
-    meta = dict(check_json(metadata or {}, field="metadata"))
-    meta.update({k: v for k, v in info.extra.items() if k not in meta})
+    meta = with_media_extra(dict(check_json(metadata or {}, field="metadata")), info)
     return Sample(
         project=project,
         prompt=prompt,
