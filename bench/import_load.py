@@ -50,10 +50,6 @@ WORDS = [
 ]
 
 
-def rows(n: int, seed: int = 0) -> bytes:
-    return b"".join(iter_rows(n, seed))
-
-
 def iter_rows(n: int, seed: int = 0) -> Iterator[bytes]:
     """The file's lines, one at a time."""
     rng = random.Random(seed)
