@@ -5,8 +5,19 @@ benchmark's seeding; the caller validates every value before it gets here."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
+
+
+def _copy_text(value: Any) -> Any:
+    """A default's database value as COPY takes it, dumped once for every row: a JSON default
+    comes as psycopg's Json wrapper, which would be serialised again for each row."""
+    obj = getattr(value, "obj", None)
+    dumps = getattr(value, "dumps", None)
+    if callable(dumps) and obj is not None:
+        return dumps(obj)
+    return value
 
 
 class TableCopier:
@@ -35,7 +46,7 @@ class TableCopier:
                 raise RuntimeError(
                     f"{model.__name__}.{f.name} is required and has no default: pass it in `given`"
                 )
-            extra.append((f.column, value))
+            extra.append((f.column, _copy_text(value)))
         quote = connection.ops.quote_name
         columns = [quote(by_attname[a].column) for a in given] + [quote(c) for c, _ in extra]
         self.table = model._meta.db_table
@@ -45,30 +56,50 @@ class TableCopier:
         self.seconds = 0.0  # inside COPY (the server's work: parsing, indexes, foreign-key checks)
         self.chunk_rates: list[float] = []  # rows/s of each COPY, in order
 
-    def copy(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
+    def copy(self, cursor: Any, rows: Iterable[tuple[Any, ...]]) -> int:
+        """COPY the rows; returns how many. Pass a generator to build rows while the server
+        takes in the ones before: built first as a list, the server waits for the whole chunk."""
         tail = self.tail
+        n = 0
         t0 = time.perf_counter()
         with cursor.copy(self.sql) as cp:
+            write = cp.write_row
             for row in rows:
-                cp.write_row(row + tail)
+                write(row + tail)
+                n += 1
         dt = time.perf_counter() - t0
-        self.rows += len(rows)
+        self.rows += n
         self.seconds += dt
-        self.chunk_rates.append(len(rows) / dt if dt > 0 else float("inf"))
+        self.chunk_rates.append(n / dt if dt > 0 else float("inf"))
+        return n
 
 
 _SEQUENCES: dict[str, str] = {}  # table -> its id sequence
 
 
-def reserve_ids(cursor: Any, model: Any, n: int) -> list[int]:
-    """Take n ids from the table's own sequence, so rows can reference each other before insert.
-    The sequence is looked up once: resolving it in every row's ``nextval`` cost six times more."""
+def _sequence(cursor: Any, model: Any) -> str:
     table = model._meta.db_table
     if table not in _SEQUENCES:
         cursor.execute("SELECT pg_get_serial_sequence(%s, %s)", (table, model._meta.pk.column))
         _SEQUENCES[table] = cursor.fetchone()[0]
-    cursor.execute("SELECT nextval(%s::regclass) FROM generate_series(1, %s)", (_SEQUENCES[table], n))
-    return [row[0] for row in cursor.fetchall()]
+    return _SEQUENCES[table]
+
+
+def reserve_ids(cursor: Any, model: Any, n: int) -> list[int]:
+    """Take n ids from the table's own sequence, so rows can reference each other before insert.
+    The sequence is looked up once: resolving it in every row's ``nextval`` cost six times more."""
+    return reserve_ids_many(cursor, [(model, n)])[0]
+
+
+def reserve_ids_many(cursor: Any, wanted: list[tuple[Any, int]]) -> list[list[int]]:
+    """``reserve_ids`` for several tables in one round trip. The ids come back as one
+    comma-joined string per table: a row per id cost the client more than the server."""
+    parts, params = [], []
+    for model, n in wanted:
+        parts.append("(SELECT string_agg(nextval(%s::regclass)::text, ',') FROM generate_series(1, %s))")
+        params += [_sequence(cursor, model), n]
+    cursor.execute("SELECT " + ", ".join(parts), params)
+    return [list(map(int, s.split(","))) if s else [] for s in cursor.fetchone()]
 
 
 def bulk_load_settings(cursor: Any, models: list[Any]) -> None:

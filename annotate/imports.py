@@ -28,7 +28,7 @@ from django.core.files.base import ContentFile
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from annotate.bulk import TableCopier, bulk_load_settings, reserve_ids
+from annotate.bulk import TableCopier, bulk_load_settings, reserve_ids_many
 from annotate.errors import Conflict, Invalid, ServiceError, TooLarge
 from annotate.media import MediaError, MediaInfo, MediaTooLarge, inspect_media, inspect_text
 from annotate.models import (
@@ -45,6 +45,7 @@ from annotate.selectors import member_role_require
 from annotate.services import (
     generator_version_get_or_create,
     prompt_get_or_create,
+    prompt_key,
     prompts_get_or_create,
     sample_build,
     with_media_extra,
@@ -418,6 +419,7 @@ class _Pair:
     second: tuple[MediaInfo, str | bytes]
     outcome: str  # a, b or tie, in (first, second) order
     models: tuple[str, str] = ("", "")
+    prompt_key: str = ""  # services.prompt_key(prompt), set by _chunks (in the reader thread)
 
 
 def _decode(i: int, raw: bytes) -> str:
@@ -627,6 +629,10 @@ def _chunks(pairs: Iterator[_Pair], *, project: Project, skips: _Skips | None) -
     media = 0
     for p in pairs:
         try:
+            try:
+                p.prompt_key = prompt_key(p.prompt)
+            except Invalid as exc:
+                raise Invalid(f"row {p.row}: {exc.message}", details={"row": p.row}) from exc
             if p.first[0].content_hash == p.second[0].content_hash:
                 raise Invalid(f"row {p.row}: both sides are the same content", details={"row": p.row})
             if p.outcome == "tie" and not project.allow_tie:
@@ -772,6 +778,8 @@ class _PairWriter:
 
     def _known(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], int]:
         """Ids of the samples already stored under these (prompt, content hash) keys."""
+        if not keys:
+            return {}
         self.cursor.execute(
             f"SELECT s.prompt_id, s.content_hash, s.id FROM {connection.ops.quote_name(Sample._meta.db_table)} s"
             " JOIN unnest(string_to_array(%s, ',')::bigint[], string_to_array(%s, ',')) AS u(p, h)"
@@ -782,8 +790,17 @@ class _PairWriter:
         return {(p, h): sid for p, h, sid in self.cursor.fetchall()}
 
     def write(self, pairs: list[_Pair]) -> None:
+        """Everything that needs an answer from the database first (prompt ids, samples already
+        stored, generator versions, all the chunk's new ids in one round trip); then each table's
+        rows are built while its COPY streams, so the server is never left waiting on Python."""
         project, result, cur = self.project, self.result, self.cursor
-        prompt_ids = prompts_get_or_create(project=project, texts=[p.prompt for p in pairs])
+        prompts = prompts_get_or_create(
+            project=project, texts=[p.prompt for p in pairs], keys=[p.prompt_key for p in pairs]
+        )
+        prompt_ids = prompts.ids
+        for p in pairs:
+            for model in p.models:
+                self._version(p.row, model)
         keys = list(
             {
                 (prompt_ids[p.prompt], info.content_hash): None
@@ -791,56 +808,83 @@ class _PairWriter:
                 for info, _ in (p.first, p.second)
             }
         )
-        # A sample is (prompt, content): the same refusal under two prompts is two samples.
-        known = self._known(keys)
+        # A sample is (prompt, content): the same refusal under two prompts is two samples. Under a
+        # prompt created just now nothing is stored yet.
+        known = self._known([k for k in keys if k[0] not in prompts.created])
         fresh = [k for k in keys if k not in known]
-        ids = reserve_ids(cur, Sample, len(fresh))
+        ids, cids, entry_ids, jids = reserve_ids_many(
+            cur,
+            [
+                (Sample, len(fresh)),
+                (Comparison, len(pairs)),
+                (ComparisonSample, 2 * len(pairs)),
+                (Judgment, len(pairs)),
+            ],
+        )
         new = dict(zip(fresh, ids, strict=True))
-        rows: list[tuple[Any, ...]] = []
-        for p in pairs:
-            prompt_id = prompt_ids[p.prompt]
-            for (info, payload), model in zip((p.first, p.second), p.models, strict=True):
-                sid = new.pop((prompt_id, info.content_hash), None)
-                if sid is None:  # stored before, or earlier in this chunk
-                    result.duplicates += 1
-                    continue
-                media, text = (
-                    (self._media(info, payload), "") if isinstance(payload, bytes) else ("", payload)
-                )
-                meta = with_media_extra({"import": self.fmt, "row": p.row}, info)
-                rows.append((
-                    sid, project.id, prompt_id, self._version(p.row, model), info.modality, info.mime_type,
-                    text, media, info.content_hash, info.byte_size, info.width, info.height, info.duration,
-                    info.frames, info.fps, json.dumps(meta),
-                ))  # fmt: skip
-        self.samples.copy(cur, rows)
-        result.created += len(rows)
-        known.update(zip(fresh, ids, strict=True))
-        cids = reserve_ids(cur, Comparison, len(pairs))
+        known.update(new)
+        versions = self.versions
+
+        def samples() -> Iterator[tuple[Any, ...]]:
+            for p in pairs:
+                prompt_id = prompt_ids[p.prompt]
+                for (info, payload), model in zip((p.first, p.second), p.models, strict=True):
+                    sid = new.pop((prompt_id, info.content_hash), None)
+                    if sid is None:  # stored before, or earlier in this chunk
+                        result.duplicates += 1
+                        continue
+                    media, text = (
+                        (self._media(info, payload), "") if isinstance(payload, bytes) else ("", payload)
+                    )
+                    meta = with_media_extra({"import": self.fmt, "row": p.row}, info)
+                    yield (
+                        sid, project.id, prompt_id, versions[model], info.modality, info.mime_type, text,
+                        media, info.content_hash, info.byte_size, info.width, info.height, info.duration,
+                        info.frames, info.fps, json.dumps(meta),
+                    )  # fmt: skip
+
+        result.created += self.samples.copy(cur, samples())
         complete = Comparison.Status.COMPLETE.value
         origin = Comparison.Origin.IMPORT.value
         self.comparisons.copy(
             cur,
-            [
+            (
                 (cid, project.id, prompt_ids[p.prompt], origin, 1, 1, 1, complete)
                 for p, cid in zip(pairs, cids, strict=True)
-            ],
+            ),
         )
-        entry_ids = iter(reserve_ids(cur, ComparisonSample, 2 * len(pairs)))
-        jids = reserve_ids(cur, Judgment, len(pairs))
-        entries, judgments = [], []
+        # The two samples of each pair, by position: (a, b).
+        sides = [
+            (known[(pid, p.first[0].content_hash)], known[(pid, p.second[0].content_hash)], pid)
+            for p in pairs
+            for pid in (prompt_ids[p.prompt],)
+        ]
+        self.entries.copy(
+            cur,
+            (
+                row
+                for (a, b, pid), cid, ea, eb in zip(sides, cids, entry_ids[::2], entry_ids[1::2], strict=True)
+                for row in ((ea, cid, a, pid, 0), (eb, cid, b, pid, 1))
+            ),
+        )
         source = Judgment.Source.IMPORT.value
         user_id = self.user.id
-        for p, cid, jid in zip(pairs, cids, jids, strict=True):
-            prompt_id = prompt_ids[p.prompt]
-            a = known[(prompt_id, p.first[0].content_hash)]
-            b = known[(prompt_id, p.second[0].content_hash)]
-            entries.append((next(entry_ids), cid, a, prompt_id, 0))
-            entries.append((next(entry_ids), cid, b, prompt_id, 1))
-            winner = a if p.outcome == "a" else b if p.outcome == "b" else None
-            judgments.append((jid, project.id, cid, user_id, p.outcome, winner, f"[{a}, {b}]", source))
-        self.entries.copy(cur, entries)
-        self.judgments.copy(cur, judgments)
+        self.judgments.copy(
+            cur,
+            (
+                (
+                    jid,
+                    project.id,
+                    cid,
+                    user_id,
+                    p.outcome,
+                    a if p.outcome == "a" else b if p.outcome == "b" else None,
+                    f"[{a}, {b}]",
+                    source,
+                )
+                for p, (a, b, _), cid, jid in zip(pairs, sides, cids, jids, strict=True)
+            ),
+        )
         result.comparisons += len(pairs)
         result.judgments += len(pairs)
 

@@ -169,49 +169,72 @@ def prompt_get_or_create(*, project: Project, text: str, metadata: dict[str, Any
     return prompt
 
 
-def prompts_get_or_create(*, project: Project, texts: Sequence[str]) -> dict[str, int]:
+@dataclass(frozen=True)
+class PromptIds:
+    """What ``prompts_get_or_create`` found: each text's prompt id, and which of those ids it
+    created (nothing can be stored under those yet, so callers skip looking)."""
+
+    ids: dict[str, int]
+    created: frozenset[int]
+
+
+def prompt_key(text: str) -> str:
+    """The hash a prompt with this text is stored under, after the checks every prompt passes;
+    no database (the import computes it in its reader thread)."""
+    value = clean_text(text, field="prompt")
+    if not value.strip():
+        raise Invalid("prompt text is empty")
+    return _text_hash(value)
+
+
+def prompts_get_or_create(
+    *, project: Project, texts: Sequence[str], keys: Sequence[str] | None = None
+) -> PromptIds:
     """Ids of the project's prompts with these texts (the same rules as ``prompt_get_or_create``),
-    creating the missing ones: one lookup and one insert for the lot, as arrays (imports write
-    thousands a chunk; a model instance each would cost more than the database does)."""
+    creating the missing ones: one insert and at most one lookup for the lot (imports write
+    thousands a chunk; a model instance each would cost more than the database does). ``keys``:
+    each text's ``prompt_key``, when the caller has computed them already."""
+    if keys is not None and len(keys) != len(texts):
+        raise ValueError("one key per text")
     hashed: dict[str, str] = {}  # text -> hash
     by_hash: dict[str, str] = {}  # hash -> text
-    for text in texts:
+    for i, text in enumerate(texts):
         if text not in hashed:
-            value = clean_text(text, field="prompt")
-            if not value.strip():
-                raise Invalid("prompt text is empty")
-            hashed[text] = h = _text_hash(value)
-            by_hash[h] = value
+            hashed[text] = h = prompt_key(text) if keys is None else keys[i]
+            by_hash[h] = text
     table = connection.ops.quote_name(Prompt._meta.db_table)
-    # Hashes travel as one comma-joined string (they are hex) and texts by COPY: adapting a list
-    # of thousands of long texts to an array parameter costs more than the insert.
-    lookup = f"SELECT text_hash, id FROM {table} WHERE project_id = %s AND text_hash = ANY(string_to_array(%s, ','))"
-    with transaction.atomic(), connection.cursor() as cur:
-        cur.execute(lookup, [project.id, ",".join(by_hash)])
+    # No savepoint inside a caller's transaction: a failure here fails the caller's too.
+    with transaction.atomic(savepoint=False), connection.cursor() as cur:
+        raw = cur.cursor  # psycopg's own, for COPY
+        # Texts go by COPY into a staging table: adapting a list of thousands of long texts to an
+        # array parameter costs more than the insert. Insert first and look up only what was
+        # there already: an import's prompts are mostly new.
+        raw.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS rl_prompt_stage (text text, text_hash text) ON COMMIT DROP"
+        )
+        raw.execute("TRUNCATE rl_prompt_stage")
+        with raw.copy("COPY rl_prompt_stage (text, text_hash) FROM STDIN") as cp:
+            for h, value in by_hash.items():
+                cp.write_row((value, h))
+        # ON CONFLICT: the prompt is stored already, or another session adds it meanwhile.
+        cur.execute(
+            f"INSERT INTO {table} (project_id, text, text_hash, metadata, created_at)"
+            " SELECT %s, s.text, s.text_hash, '{}'::jsonb, %s FROM rl_prompt_stage s"
+            " ON CONFLICT DO NOTHING RETURNING text_hash, id",
+            [project.id, timezone.now()],
+        )
         ids: dict[str, int] = dict(cur.fetchall())
-        missing = [h for h in by_hash if h not in ids]
-        if missing:
-            raw = cur.cursor  # psycopg's own, for COPY
-            raw.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS rl_prompt_stage (text text, text_hash text) ON COMMIT DROP"
-            )
-            raw.execute("TRUNCATE rl_prompt_stage")
-            with raw.copy("COPY rl_prompt_stage (text, text_hash) FROM STDIN") as cp:
-                for h in missing:
-                    cp.write_row((by_hash[h], h))
-            # ON CONFLICT: another import may add the same prompt meanwhile; it is looked up after.
+        created = frozenset(ids.values())
+        rest = [h for h in by_hash if h not in ids]
+        if rest:
+            # Hashes are hex, so one comma-joined string: cheaper to send than an array.
             cur.execute(
-                f"INSERT INTO {table} (project_id, text, text_hash, metadata, created_at)"
-                " SELECT %s, s.text, s.text_hash, '{}'::jsonb, %s FROM rl_prompt_stage s"
-                " ON CONFLICT DO NOTHING RETURNING text_hash, id",
-                [project.id, timezone.now()],
+                f"SELECT text_hash, id FROM {table} WHERE project_id = %s"
+                " AND text_hash = ANY(string_to_array(%s, ','))",
+                [project.id, ",".join(rest)],
             )
             ids.update(cur.fetchall())
-            rest = [h for h in missing if h not in ids]
-            if rest:
-                cur.execute(lookup, [project.id, ",".join(rest)])
-                ids.update(cur.fetchall())
-    return {text: ids[h] for text, h in hashed.items()}
+    return PromptIds(ids={text: ids[h] for text, h in hashed.items()}, created=created)
 
 
 def generator_version_get_or_create(*, generator: str, version: str = "") -> GeneratorVersion | None:
