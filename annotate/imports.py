@@ -602,6 +602,7 @@ def preferences_import(
                 writer.write(chunk)
                 if progress:
                     progress(result.comparisons)
+            writer.finish()
             if not result.comparisons:
                 if result.skipped:
                     raise Invalid(
@@ -756,7 +757,10 @@ class _PairWriter:
         )
         connection.ensure_connection()
         self.cursor = connection.connection.cursor()  # raw psycopg, same transaction: COPY
-        bulk_load_settings(self.cursor, [Prompt, Sample, Comparison, ComparisonSample, Judgment])
+        # Foreign keys checked set-wise per chunk where the database allows it (annotate/bulk.py).
+        self.load = bulk_load_settings(
+            self.cursor, [Prompt, Sample, Comparison, ComparisonSample, Judgment], batch_foreign_keys=True
+        )
 
     def _version(self, row: int, model: str) -> int | None:
         if model not in self.versions:
@@ -798,9 +802,11 @@ class _PairWriter:
             project=project, texts=[p.prompt for p in pairs], keys=[p.prompt_key for p in pairs]
         )
         prompt_ids = prompts.ids
-        for p in pairs:
-            for model in p.models:
-                self._version(p.row, model)
+        unseen = [(p.row, model) for p in pairs for model in p.models if model not in self.versions]
+        if unseen:
+            with self.load.row_checks(cur):  # generator tables are not checked by check_written
+                for row, model in unseen:
+                    self._version(row, model)
         keys = list(
             {
                 (prompt_ids[p.prompt], info.content_hash): None
@@ -885,8 +891,21 @@ class _PairWriter:
                 for p, (a, b, _), cid, jid in zip(pairs, sides, cids, jids, strict=True)
             ),
         )
+        self.load.check_written(
+            cur,
+            {
+                Prompt._meta.db_table: sorted(prompts.created),
+                Sample._meta.db_table: ids,
+                Comparison._meta.db_table: cids,
+                ComparisonSample._meta.db_table: entry_ids,
+                Judgment._meta.db_table: jids,
+            },
+        )
         result.comparisons += len(pairs)
         result.judgments += len(pairs)
+
+    def finish(self) -> None:
+        self.load.finish(self.cursor)
 
 
 def project_for_import(*, slug: str, actor: Any, fmt: str) -> Project:
