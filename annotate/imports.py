@@ -15,6 +15,7 @@ import io
 import json
 import queue
 import threading
+import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from django.core.files.base import ContentFile
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from annotate.bulk import COPY_NULL as NULL
 from annotate.bulk import TableCopier, bulk_load_settings, reserve_ids_many
 from annotate.errors import Conflict, Invalid, ServiceError, TooLarge
 from annotate.media import MediaError, MediaInfo, MediaTooLarge, inspect_media, inspect_text
@@ -419,7 +421,10 @@ class _Pair:
     second: tuple[MediaInfo, str | bytes]
     outcome: str  # a, b or tie, in (first, second) order
     models: tuple[str, str] = ("", "")
-    prompt_key: str = ""  # services.prompt_key(prompt), set by _chunks (in the reader thread)
+    # Set by _chunks, in the reader thread: services.prompt_key(prompt), and each side's metadata
+    # as JSON (work taken off the writer, which the database waits on).
+    prompt_key: str = ""
+    metadata: tuple[str, str] = ("", "")
 
 
 def _decode(i: int, raw: bytes) -> str:
@@ -593,7 +598,7 @@ def preferences_import(
     try:
         # Reading, parsing and checking (no database) run in a thread a few chunks ahead, while
         # this one writes: PostgreSQL and the parser each get a core.
-        with _Prefetch(_chunks(pairs, project=project, skips=skips)) as chunks, transaction.atomic():
+        with _Prefetch(_chunks(pairs, project=project, fmt=fmt, skips=skips)) as chunks, transaction.atomic():
             # Inside the transaction: a failed import leaves no import user behind.
             user = _import_user(fmt)
             ProjectMember.objects.get_or_create(project=project, user=user, defaults={"role": "annotator"})
@@ -623,7 +628,9 @@ def preferences_import(
 _PAIR_CHUNK = 2000
 
 
-def _chunks(pairs: Iterator[_Pair], *, project: Project, skips: _Skips | None) -> Iterator[list[_Pair]]:
+def _chunks(
+    pairs: Iterator[_Pair], *, project: Project, fmt: str, skips: _Skips | None
+) -> Iterator[list[_Pair]]:
     """Checked pairs in chunks of ``_PAIR_CHUNK`` pairs or ``_BATCH_BYTES`` of media, whichever
     comes first; no database access (it runs in a thread)."""
     chunk: list[_Pair] = []
@@ -634,6 +641,10 @@ def _chunks(pairs: Iterator[_Pair], *, project: Project, skips: _Skips | None) -
                 p.prompt_key = prompt_key(p.prompt)
             except Invalid as exc:
                 raise Invalid(f"row {p.row}: {exc.message}", details={"row": p.row}) from exc
+            p.metadata = (
+                json.dumps(with_media_extra({"import": fmt, "row": p.row}, p.first[0])),
+                json.dumps(with_media_extra({"import": fmt, "row": p.row}, p.second[0])),
+            )
             if p.first[0].content_hash == p.second[0].content_hash:
                 raise Invalid(f"row {p.row}: both sides are the same content", details={"row": p.row})
             if p.outcome == "tie" and not project.allow_tie:
@@ -646,6 +657,10 @@ def _chunks(pairs: Iterator[_Pair], *, project: Project, skips: _Skips | None) -
             skips.add(p.row, exc)
             continue
         chunk.append(p)
+        if len(chunk) % 16 == 0:
+            # Hand the GIL to the writer if it is waiting: each of its statements returns to wait
+            # for it, and a thread that never blocks keeps it for sys.getswitchinterval() (5 ms).
+            time.sleep(0)
         media += sum(len(x) for _, x in (p.first, p.second) if isinstance(x, bytes))
         if len(chunk) >= _PAIR_CHUNK or media >= _BATCH_BYTES:
             yield chunk
@@ -834,7 +849,9 @@ class _PairWriter:
         def samples() -> Iterator[tuple[Any, ...]]:
             for p in pairs:
                 prompt_id = prompt_ids[p.prompt]
-                for (info, payload), model in zip((p.first, p.second), p.models, strict=True):
+                for (info, payload), model, meta in zip(
+                    (p.first, p.second), p.models, p.metadata, strict=True
+                ):
                     sid = new.pop((prompt_id, info.content_hash), None)
                     if sid is None:  # stored before, or earlier in this chunk
                         result.duplicates += 1
@@ -842,20 +859,22 @@ class _PairWriter:
                     media, text = (
                         (self._media(info, payload), "") if isinstance(payload, bytes) else ("", payload)
                     )
-                    meta = with_media_extra({"import": self.fmt, "row": p.row}, info)
                     yield (
                         sid, project.id, prompt_id, versions[model], info.modality, info.mime_type, text,
                         media, info.content_hash, info.byte_size, info.width, info.height, info.duration,
-                        info.frames, info.fps, json.dumps(meta),
+                        info.frames, info.fps, meta,
                     )  # fmt: skip
 
         result.created += self.samples.copy(cur, samples())
         complete = Comparison.Status.COMPLETE.value
         origin = Comparison.Origin.IMPORT.value
-        self.comparisons.copy(
+        # The rows below are integers and fixed words, formatted straight into COPY's text form:
+        # psycopg's per-value formatting was the writer's largest cost after the database.
+        pj = project.id
+        self.comparisons.copy_lines(
             cur,
             (
-                (cid, project.id, prompt_ids[p.prompt], origin, 1, 1, 1, complete)
+                f"{cid}\t{pj}\t{prompt_ids[p.prompt]}\t{origin}\t1\t1\t1\t{complete}"
                 for p, cid in zip(pairs, cids, strict=True)
             ),
         )
@@ -865,29 +884,21 @@ class _PairWriter:
             for p in pairs
             for pid in (prompt_ids[p.prompt],)
         ]
-        self.entries.copy(
+        self.entries.copy_lines(
             cur,
             (
-                row
+                line
                 for (a, b, pid), cid, ea, eb in zip(sides, cids, entry_ids[::2], entry_ids[1::2], strict=True)
-                for row in ((ea, cid, a, pid, 0), (eb, cid, b, pid, 1))
+                for line in (f"{ea}\t{cid}\t{a}\t{pid}\t0", f"{eb}\t{cid}\t{b}\t{pid}\t1")
             ),
         )
         source = Judgment.Source.IMPORT.value
-        user_id = self.user.id
-        self.judgments.copy(
+        uid = self.user.id
+        self.judgments.copy_lines(
             cur,
             (
-                (
-                    jid,
-                    project.id,
-                    cid,
-                    user_id,
-                    p.outcome,
-                    a if p.outcome == "a" else b if p.outcome == "b" else None,
-                    f"[{a}, {b}]",
-                    source,
-                )
+                f"{jid}\t{pj}\t{cid}\t{uid}\t{p.outcome}"
+                f"\t{a if p.outcome == 'a' else b if p.outcome == 'b' else NULL}\t[{a}, {b}]\t{source}"
                 for p, (a, b, _), cid, jid in zip(pairs, sides, cids, jids, strict=True)
             ),
         )

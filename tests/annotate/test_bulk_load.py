@@ -6,14 +6,18 @@ Reads and writes from other sessions (labeling) are not held up."""
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 import psycopg
 import pytest
 from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from annotate import imports
-from annotate.bulk import bulk_load_settings
+from annotate.bulk import COPY_NULL, TableCopier, _copy_field, bulk_load_settings, copy_escape
 from annotate.imports import pairs_from_rows
 from annotate.models import Comparison, ComparisonSample, Judgment, Project, Prompt, Sample
 
@@ -228,3 +232,41 @@ def test_a_stored_sample_an_import_reuses_cannot_be_deleted_under_it(manager: An
         assert result.duplicates == 6 and result.comparisons == 3
     assert len(errors) == 1 and "lock timeout" in errors[0]
     assert Sample.objects.filter(id=reused.id).exists()
+
+
+# Any storable text (no NUL, no lone surrogate), with COPY's special characters made likely.
+_copy_text = st.text(
+    alphabet=st.one_of(
+        st.sampled_from("\\\t\n\r\\N ab"),
+        st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    values=st.lists(
+        st.tuples(st.integers(-(2**63), 2**63 - 1), st.one_of(st.none(), _copy_text)), max_size=30
+    )
+)
+def test_copy_lines_stores_exactly_the_values_formatted(values: list[tuple[int, str | None]]) -> None:
+    """copy_lines' text format (copy_escape, COPY_NULL) against what PostgreSQL reads back."""
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(
+            "CREATE TEMP TABLE rl_copy_probe (i bigint, t text, d timestamptz, j jsonb) ON COMMIT DROP"
+        )
+        copier = TableCopier.__new__(TableCopier)  # a table with no model: set what copy_lines uses
+        copier.sql = "COPY rl_copy_probe (i, t, d, j) FROM STDIN"
+        now = timezone.now()
+        copier.tail = (now, '{"a": "\\\\ \\t"}')
+        copier.tail_text = "".join("\t" + _copy_field(v) for v in copier.tail) + "\n"
+        copier.rows, copier.seconds, copier.chunk_rates = 0, 0.0, []
+        lines = (f"{i}\t{COPY_NULL if t is None else copy_escape(t)}" for i, t in values)
+        assert copier.copy_lines(cur.cursor, lines) == len(values)
+        cur.execute("SELECT i, t, d, j FROM rl_copy_probe")
+        got = cur.fetchall()
+        assert [(i, t) for i, t, _, _ in got] == values
+        # Django leaves jsonb as text for JSONField to decode.
+        assert [(d, json.loads(j)) for _, _, d, j in got] == [(now, {"a": "\\ \t"})] * len(values)
+        transaction.set_rollback(True)
