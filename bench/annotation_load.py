@@ -881,6 +881,11 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--overlap", type=int, default=1, help="judgments wanted per comparison")
     seed.add_argument("--reset", action="store_true", help="delete the project's rows first")
     seed.add_argument(
+        "--judged",
+        action="store_true",
+        help="every comparison complete, judged by annotators 1..overlap (stored history, not open work)",
+    )
+    seed.add_argument(
         "--password", default="bench-password", help="password of every bench account (UI login)"
     )
     seed.add_argument(
