@@ -190,8 +190,8 @@ def heads(device: str) -> list[dict[str, Any]]:
     return results
 
 
-def finetune(device: str, minutes_cap: float) -> list[dict[str, Any]]:
-    """The text finetune kind (peft LoRA on MiniLM + a linear head), response and joint input."""
+def finetune(device: str, inputs: tuple[str, ...] = ("response", "joint")) -> list[dict[str, Any]]:
+    """The text finetune kind (peft LoRA on MiniLM + a linear head), on each text input asked for."""
     from rewards.ml.data import A_WINS, B_WINS
     from rewards.ml.encoders import default_text_encoder_path
     from rewards.ml.finetune.config import FinetuneConfig
@@ -223,7 +223,7 @@ def finetune(device: str, minutes_cap: float) -> list[dict[str, Any]]:
 
     tr, ho = pairs(np.flatnonzero(~held)), pairs(np.flatnonzero(held))
     results = []
-    for text_input in ("response", "joint"):
+    for text_input in inputs:
         config = FinetuneConfig.from_dict({"device": device, "text_input": text_input})
         start = time.perf_counter()
         model = text_train(config, tr, encoder_path=default_text_encoder_path())
@@ -260,6 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--kind", choices=("heads", "finetune", "embed"), default="heads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--text-input",
+        choices=("response", "joint"),
+        action="append",
+        help="finetune: this input only (repeatable)",
+    )
     args = parser.parse_args(argv)
     import annotation_load
     import torch
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "heads":
         heads(args.device)
     else:
-        finetune(args.device, 0)
+        finetune(args.device, tuple(args.text_input or ("response", "joint")))
 
 
 if __name__ == "__main__":

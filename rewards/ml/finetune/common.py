@@ -23,6 +23,7 @@ from torch import nn
 from rewards.ml.heads import (
     cosine_lr,
     decisive_logit,
+    head_temperatures,
     initial_tie_param,
     inner_split,
     pair_nll,
@@ -37,8 +38,6 @@ ADAPTER_DIR = "adapter"  # the peft adapter's sub-directory (LoRA runs only)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
 AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Temperatures outside [1/50, 50] mean the inner split is too small or degenerate to say anything.
-TEMPERATURE_RANGE = (0.02, 50.0)
 
 
 # --- LoRA (peft) -----------------------------------------------------------------------------------
@@ -191,27 +190,43 @@ def pair_figures(
         return loss, float((w * right).sum() / w.sum())
 
 
+def check_pair_arrays(pairs: Any, samples: int, what: str) -> None:
+    """Turn the ``a``, ``b``, ``outcome``, ``weight`` (and ``groups``) of ``TextPairs`` / ``ImagePairs``
+    into arrays of their dtypes, in place, and check they are ``(P,)`` and index the ``samples`` items."""
+    pairs.a = np.asarray(pairs.a, dtype=np.int64)
+    pairs.b = np.asarray(pairs.b, dtype=np.int64)
+    pairs.outcome = np.asarray(pairs.outcome, dtype=np.int8)
+    pairs.weight = np.asarray(pairs.weight, dtype=np.float32)
+    if pairs.a.ndim != 1:
+        raise ValueError(f"a must have shape (P,), got {pairs.a.shape}")
+    p = pairs.a.shape[0]
+    for name in ("b", "outcome", "weight"):
+        if getattr(pairs, name).shape != (p,):
+            raise ValueError(f"{name} must have shape ({p},)")
+    if pairs.groups is not None:
+        pairs.groups = np.asarray(pairs.groups, dtype=np.int64)
+        if pairs.groups.shape != (p,):
+            raise ValueError(f"groups must have shape ({p},)")
+    if p and (min(pairs.a.min(), pairs.b.min()) < 0 or max(pairs.a.max(), pairs.b.max()) >= samples):
+        raise ValueError(f"pair indices out of range of the {samples} {what}")
+
+
 def fit_temperature(
     d: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, tie_param: torch.Tensor, ties: str
 ) -> float:
-    """The T > 0 minimising the inner split's negative log-likelihood of ``d / T`` (tie parameter fixed):
-    one parameter, LBFGS on log T, clamped to ``TEMPERATURE_RANGE``."""
-    d = d.detach().double()
-    target, weight, tie = target.detach(), weight.detach().double(), tie_param.detach().double()
-    log_t = torch.zeros((), dtype=torch.float64, device=d.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = pair_nll(d / log_t.exp(), target, weight, tie, ties)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    t = float(log_t.detach().exp())
-    if not math.isfinite(t):
-        return 1.0
-    return min(max(t, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
+    """The temperature of ``d = r_a - r_b`` on the inner split, fitted as the frozen-feature heads fit
+    theirs (``heads.head_temperatures``: decisive pairs, the tie parameter fixed), so that every kind's
+    reported probabilities mean the same thing."""
+    return float(
+        head_temperatures(
+            d.detach().reshape(-1, 1),
+            target.reshape(-1, 1),
+            weight.reshape(-1, 1),
+            tie_param,
+            ties,
+            shared=False,
+        )[0]
+    )
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from rewards.ml.finetune.common import (
     LoopResult,
     add_lora,
     base_info,
+    check_pair_arrays,
     fit,
     merged,
     trainable,
@@ -195,22 +196,7 @@ class TextPairs:
         s = len(self.texts)
         if self.prompts is not None and len(self.prompts) != s:
             raise ValueError(f"prompts must have one entry per text ({s}), got {len(self.prompts)}")
-        self.a = np.asarray(self.a, dtype=np.int64)
-        self.b = np.asarray(self.b, dtype=np.int64)
-        self.outcome = np.asarray(self.outcome, dtype=np.int8)
-        self.weight = np.asarray(self.weight, dtype=np.float32)
-        if self.a.ndim != 1:
-            raise ValueError(f"a must have shape (P,), got {self.a.shape}")
-        p = self.a.shape[0]
-        for name in ("b", "outcome", "weight"):
-            if getattr(self, name).shape != (p,):
-                raise ValueError(f"{name} must have shape ({p},)")
-        if self.groups is not None:
-            self.groups = np.asarray(self.groups, dtype=np.int64)
-            if self.groups.shape != (p,):
-                raise ValueError(f"groups must have shape ({p},)")
-        if p and (min(self.a.min(), self.b.min()) < 0 or max(self.a.max(), self.b.max()) >= s):
-            raise ValueError(f"pair indices out of range of the {s} texts")
+        check_pair_arrays(self, s, "texts")
 
     @property
     def num_pairs(self) -> int:
