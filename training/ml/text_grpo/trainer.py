@@ -1,0 +1,147 @@
+"""Text GRPO: TRL's ``GRPOTrainer`` with our reward as a plain callable, read top to bottom.
+
+TRL does the algorithm (G completions per prompt, group-standardised advantages, the clipped
+token-level objective, the optional KL to the reference); this module only maps our config onto
+``trl.GRPOConfig``, hands TRL the prompts as a ``datasets.Dataset`` and the reward functions as
+they are (``rewards.ml.reward_fn.RewardFunction`` is called with ``prompts=`` and
+``completions=`` and returns one float per completion), and reports TRL's own per-step logs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.ml.text_grpo.config import TextGRPOConfig
+
+# TRL's log keys -> ours (the same names the diffusion trainers use where they mean the same).
+LOG_KEYS = {
+    "reward": "reward_mean",
+    "reward_std": "reward_std",
+    "frac_reward_zero_std": "zero_spread_groups",
+    "kl": "kl",
+    "loss": "loss",
+    "clip_ratio/region_mean": "clip_fraction",
+    "completions/mean_length": "completion_length",
+}
+
+
+@dataclass
+class TextGRPOResult:
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    output_dir: Path | None = None
+
+
+def _checked(fn: Callable[..., Sequence[float]]) -> Callable[..., list[float]]:
+    """A reward function whose output is checked (it is untrusted): one finite float per completion."""
+
+    def call(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        values = [float(v) for v in fn(prompts=prompts, completions=completions, **kwargs)]
+        if len(values) != len(completions):
+            raise ValueError(
+                f"the reward function returned {len(values)} values for {len(completions)} completions"
+            )
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("the reward function returned NaN or infinity")
+        return values
+
+    call.__name__ = getattr(fn, "__name__", type(fn).__name__)
+    return call
+
+
+def train(
+    config: TextGRPOConfig,
+    prompts: Sequence[str],
+    reward_funcs: Sequence[Callable[..., Sequence[float]]],
+    *,
+    output_dir: str | Path,
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> TextGRPOResult:
+    """GRPO on ``prompts``; the policy (a LoRA adapter, or the whole model) is saved to ``output_dir``."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    config.validate()
+    if not prompts:
+        raise ValueError("no prompts to sample from")
+    path = Path(config.policy)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: not a transformers model directory (no config.json)")
+    out = Path(output_dir)
+    result = TextGRPOResult(output_dir=out)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{path}: the tokenizer has no eos_token, so a completion could never end")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = config.prompts_per_step * config.num_generations
+    args = GRPOConfig(
+        output_dir=str(out),
+        max_steps=config.steps,
+        per_device_train_batch_size=batch,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        temperature=config.temperature,
+        learning_rate=config.learning_rate,
+        beta=config.beta,
+        epsilon=config.epsilon,
+        logging_steps=1,
+        save_strategy="steps" if config.checkpoint_every else "no",
+        save_steps=config.checkpoint_every or 500,
+        report_to="none",
+        seed=config.seed,
+        use_cpu=config.device == "cpu",
+        bf16=config.dtype == "bfloat16",
+        fp16=config.dtype == "float16",
+        model_init_kwargs={
+            "dtype": {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+                config.dtype
+            ]
+        },
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    peft_config = (
+        LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            # peft's shorthand for every linear layer but the output head is a string, not a module name.
+            target_modules="all-linear" if config.lora_targets == ["all-linear"] else config.lora_targets,
+            task_type="CAUSAL_LM",
+        )
+        if config.lora_rank
+        else None
+    )
+
+    class Report(TrainerCallback):
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+        ) -> None:
+            if not logs or "reward" not in logs:
+                return
+            row = {"step": float(state.global_step)} | {
+                ours: float(logs[k]) for k, ours in LOG_KEYS.items() if k in logs
+            }
+            result.metrics.append(row)
+            if progress is not None:
+                progress(row)
+
+    trainer = GRPOTrainer(
+        model=str(path),
+        reward_funcs=[_checked(f) for f in reward_funcs],  # type: ignore[misc]
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"prompt": list(prompts)}),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[Report()],
+    )
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    tokenizer.save_pretrained(str(out / "final"))
+    return result
