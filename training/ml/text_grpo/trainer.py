@@ -10,6 +10,7 @@ they are (``rewards.ml.reward_fn.RewardFunction`` is called with ``prompts=`` an
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,13 @@ def train(
         callbacks=[Report()],
     )
     trainer.train()
-    trainer.save_model(str(out / "final"))
-    tokenizer.save_pretrained(str(out / "final"))
+    # Written beside and renamed into place: a reader never sees half a policy.
+    tmp, final = out / ".final.tmp", out / "final"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
     return result
