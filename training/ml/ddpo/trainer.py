@@ -34,12 +34,10 @@ import numpy as np
 import torch
 
 from training.ml.ddpo.config import DDPOConfig
-from training.ml.diffusion.ddim import check_scheduler
 from training.ml.diffusion.lora import TRAINER_STATE, add_unet_lora, load_lora_into, save_checkpoint
-from training.ml.diffusion.sampling import Rollout, sample_with_logprob, to_pil, unet_step
+from training.ml.diffusion.sampling import Rollout, load_ddim_pipeline, sample_with_logprob, to_pil, unet_step
 
 RewardFn = Callable[[list[str], list[Any]], Sequence[float]]
-DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -66,28 +64,6 @@ class IterationMetrics:
 class DDPOResult:
     metrics: list[IterationMetrics] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
-
-
-def load_pipeline(config: DDPOConfig) -> Any:
-    """The pipeline from its local directory, DDIM scheduler, frozen weights in ``config.dtype``."""
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
-    path = Path(config.pipeline)
-    if not (path / "model_index.json").is_file():
-        raise ValueError(f"{path}: not a diffusers pipeline directory (no model_index.json)")
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, dtype=DTYPE[config.dtype])
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
-        raise ValueError(
-            f"{path}: a {type(pipe).__name__} has no UNet; DDPO needs a Stable Diffusion-like pipeline "
-            "(flow-matching pipelines are trained with diffusion GRPO)"
-        )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    check_scheduler(pipe.scheduler)
-    pipe.to(config.device)
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    return pipe
 
 
 def advantages(
@@ -141,7 +117,7 @@ def train(
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
-    pipe = load_pipeline(config)
+    pipe = load_ddim_pipeline(config.pipeline, device=config.device, dtype=config.dtype)
     unet = pipe.unet
     params = add_unet_lora(unet, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)

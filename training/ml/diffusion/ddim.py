@@ -52,11 +52,14 @@ def ddim_step_with_logprob(
     eta: float,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_mean: bool = False,
+) -> Any:
     """One DDIM step from ``sample`` (x_t) at ``timestep`` (an int, or one per sample) given the
-    network's output. Returns ``(x_{t-1}, log p(x_{t-1} | x_t))`` with the log-probability ``(B,)``.
-    With ``prev_sample`` given, that x_{t-1} is scored instead of a new one drawn (training).
-    ``eta`` > 0: a deterministic step (eta = 0) has no density."""
+    network's output. Returns ``(x_{t-1}, log p(x_{t-1} | x_t))`` with the log-probability ``(B,)``;
+    with ``return_mean`` also the Gaussian's mean and std (``(prev, log_prob, mean, std)``: the KL
+    between two policies' steps is ``(mean_1 - mean_2)^2 / (2 std^2)``). With ``prev_sample``
+    given, that x_{t-1} is scored instead of a new one drawn (training). ``eta`` > 0: a
+    deterministic step (eta = 0) has no density."""
     if eta <= 0:
         raise ValueError("eta must be > 0: a deterministic DDIM step has no log-probability")
     if scheduler.num_inference_steps is None:
@@ -94,4 +97,7 @@ def ddim_step_with_logprob(
     else:
         prev = prev_sample.float()
     log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - std.log() - LOG_SQRT_2PI
-    return prev, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    if return_mean:
+        return prev, log_prob, mean, std
+    return prev, log_prob

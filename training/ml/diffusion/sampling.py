@@ -10,13 +10,16 @@ training, so the two agree exactly when the batch, the precision and the weights
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from training.ml.diffusion.ddim import ddim_step_with_logprob
+from training.ml.diffusion.ddim import check_scheduler, ddim_step_with_logprob
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -81,9 +84,11 @@ def unet_step(
     eta: float,
     prev_latents: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_mean: bool = False,
+) -> Any:
     """One guided UNet evaluation and DDIM step at timestep ``t`` (a scalar tensor): (next latents,
-    log-probability (B,)). With ``prev_latents``, scores that step instead of drawing one."""
+    log-probability (B,)), plus the step's mean and std with ``return_mean``. With
+    ``prev_latents``, scores that step instead of drawing one."""
     unet = pipe.unet
     dtype = unet.dtype
     if negative_embeds is not None:
@@ -97,7 +102,14 @@ def unet_step(
         uncond, text = out.chunk(2)
         out = uncond.float() + guidance_scale * (text.float() - uncond.float())
     return ddim_step_with_logprob(
-        pipe.scheduler, out, t, latents, eta=eta, prev_sample=prev_latents, generator=generator
+        pipe.scheduler,
+        out,
+        t,
+        latents,
+        eta=eta,
+        prev_sample=prev_latents,
+        generator=generator,
+        return_mean=return_mean,
     )
 
 
@@ -140,3 +152,26 @@ def sample_with_logprob(
         negative_embeds=negative,
         images=images,
     )
+
+
+def load_ddim_pipeline(pipeline: str, *, device: str, dtype: str) -> Any:
+    """A Stable Diffusion-like pipeline from its local directory (``from_pretrained``, local files
+    only), its scheduler replaced by DDIM with the same configuration, frozen weights in ``dtype``."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    path = Path(pipeline)
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"{path}: not a diffusers pipeline directory (no model_index.json)")
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, dtype=DTYPE[dtype])
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
+        raise ValueError(
+            f"{path}: a {type(pipe).__name__} has no UNet; DDPO and diffusion GRPO sample Stable "
+            "Diffusion-like pipelines with DDIM (flow-matching pipelines such as SD3 or Wan: not yet)"
+        )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    check_scheduler(pipe.scheduler)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    return pipe

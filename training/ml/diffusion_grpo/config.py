@@ -1,0 +1,102 @@
+"""Diffusion GRPO's settings: every field documented, validated before any model is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from training.ml.configs import ConfigError, config_from_dict
+
+DTYPES = ("float32", "bfloat16", "float16")
+REWARDS = ("score", "pairwise")
+
+
+@dataclass
+class DiffusionGRPOConfig:
+    """One run. An iteration samples ``prompts_per_iteration`` prompts x ``group_size`` images."""
+
+    pipeline: str = ""
+    """Local directory of a diffusers text-to-image pipeline with a UNet (Stable Diffusion-like)."""
+    iterations: int = 10
+    prompts_per_iteration: int = 4
+    group_size: int = 8
+    """G: images per prompt, the group whose rewards are standardised."""
+    reward: str = "score"
+    """``score``: the reward function's value; ``pairwise``: each image's win rate against the rest
+    of its group under a Bradley-Terry model of those scores (Pref-GRPO), mean_j sigmoid(s_i - s_j)."""
+    sample_steps: int = 20
+    """DDIM steps when sampling."""
+    train_fraction: float = 1.0
+    """Fraction of the steps trained on (fewer training steps than sampling steps, as Flow-GRPO)."""
+    eta: float = 1.0
+    """DDIM eta (> 0)."""
+    guidance_scale: float = 5.0
+    resolution: int = 0
+    """Image side in pixels; 0 takes the model's."""
+    inner_epochs: int = 1
+    train_batch_size: int = 4
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    clip_range: float = 1e-4
+    """Clip range of the importance ratio (per-element mean log-probs)."""
+    beta: float = 0.0
+    """Weight of the KL to the reference policy (the UNet with the adapter disabled); 0 skips it."""
+    adv_clip_max: float = 5.0
+    lora_rank: int = 4
+    lora_alpha: int = 4
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    checkpoint_every: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_iteration * self.group_size
+
+    def validate(self) -> DiffusionGRPOConfig:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(bool(self.pipeline), "pipeline: the local directory of a diffusers pipeline is required")
+        need(1 <= self.iterations <= 100_000, "iterations must be 1..100000")
+        need(1 <= self.prompts_per_iteration <= 4096, "prompts_per_iteration must be 1..4096")
+        need(2 <= self.group_size <= 256, "group_size must be 2..256 (a group needs two to compare)")
+        need(self.reward in REWARDS, f"reward must be one of {', '.join(REWARDS)}")
+        need(1 <= self.sample_steps <= 1000, "sample_steps must be 1..1000")
+        need(0 < self.train_fraction <= 1.0, "train_fraction must be in (0, 1]")
+        need(0 < self.eta <= 1.0, "eta must be in (0, 1]: a deterministic step (0) has no log-probability")
+        need(1.0 <= self.guidance_scale <= 50.0, "guidance_scale must be 1..50")
+        need(self.resolution == 0 or (8 <= self.resolution <= 2048 and self.resolution % 8 == 0),
+             "resolution must be 0 (the model's) or a multiple of 8 in 8..2048")  # fmt: skip
+        need(1 <= self.inner_epochs <= 100, "inner_epochs must be 1..100")
+        need(1 <= self.train_batch_size <= 4096, "train_batch_size must be 1..4096")
+        need(0 < self.learning_rate <= 1e-1, "learning_rate must be in (0, 0.1]")
+        need(0 <= self.weight_decay <= 1.0, "weight_decay must be 0..1")
+        need(self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        need(0 < self.clip_range <= 1.0, "clip_range must be in (0, 1]")
+        need(0 <= self.beta <= 100, "beta must be 0..100")
+        need(self.adv_clip_max > 0, "adv_clip_max must be > 0")
+        need(1 <= self.lora_rank <= 256, "lora_rank must be 1..256")
+        need(1 <= self.lora_alpha <= 1024, "lora_alpha must be 1..1024")
+        need(bool(self.lora_targets), "lora_targets must name at least one module")
+        need(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+        need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}")
+        need(self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:"),
+             "device must be cpu, cuda or cuda:N")  # fmt: skip
+        need(
+            not (self.device == "cpu" and self.dtype == "float16"),
+            "float16 needs a GPU: use float32 or bfloat16 on cpu",
+        )
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiffusionGRPOConfig:
+        """A validated config from JSON-like data: unknown keys and wrong types are refused, by name."""
+        return config_from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
