@@ -3,6 +3,7 @@ stored, progress, cancel, the registry, activation and scores; `manage.py train_
 
 from __future__ import annotations
 
+import re
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,8 @@ def test_cli_trains_in_the_foreground_and_prints_metrics(project: Any, manager: 
     assert lines[0].startswith("held-out accuracy")
     assert lines[1].startswith("calibration (ECE)")
     # The bar to beat: a logistic regression on the same frozen features and held-out pairs.
-    assert lines[2].startswith("baseline accuracy   0.") and "L2 logistic regression" in lines[2]
+    # (1.0000 is a value it can print: on some holdout splits of this small project it is perfect.)
+    assert re.match(r"baseline accuracy   [01]\.\d{4}  \(L2 logistic regression", lines[2]), lines[2]
     version = RewardModelVersion.objects.get()
     baseline = version.metrics["baseline"]
     assert baseline["holdout_pairs"] == version.metrics["holdout_pairs"] > 0
