@@ -62,11 +62,30 @@ def train(
     progress: Callable[[dict[str, float]], None] | None = None,
 ) -> TextGRPOResult:
     """GRPO on ``prompts``; the policy (a LoRA adapter, or the whole model) is saved to ``output_dir``."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    return run_online(
+        config, prompts, reward_funcs, output_dir=output_dir, progress=progress,
+        trl_config=GRPOConfig, trl_trainer=GRPOTrainer,
+    )  # fmt: skip
+
+
+def run_online(
+    config: TextGRPOConfig,
+    prompts: Sequence[str],
+    reward_funcs: Sequence[Callable[..., Sequence[float]]],
+    *,
+    output_dir: str | Path,
+    progress: Callable[[dict[str, float]], None] | None,
+    trl_config: Any,
+    trl_trainer: Any,
+) -> TextGRPOResult:
+    """One of TRL's online trainers that share GRPO's interface (``GRPOTrainer``, ``RLOOTrainer``)
+    with our config, prompts and reward callables."""
     import datasets
     import torch
     from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     config.validate()
     if not prompts:
@@ -82,7 +101,7 @@ def train(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = config.prompts_per_step * config.num_generations
-    args = GRPOConfig(
+    args = trl_config(
         output_dir=str(out),
         max_steps=config.steps,
         per_device_train_batch_size=batch,
@@ -133,9 +152,9 @@ def train(
             if progress is not None:
                 progress(row)
 
-    trainer = GRPOTrainer(
+    trainer = trl_trainer(
         model=str(path),
-        reward_funcs=[_checked(f) for f in reward_funcs],  # type: ignore[misc]
+        reward_funcs=[_checked(f) for f in reward_funcs],
         args=args,
         train_dataset=datasets.Dataset.from_dict({"prompt": list(prompts)}),
         processing_class=tokenizer,
