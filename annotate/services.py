@@ -247,6 +247,26 @@ def generator_version_get_or_create(*, generator: str, version: str = "") -> Gen
     return gv
 
 
+def generator_version_register(
+    *, generator: str, version: str, checkpoint: str, metadata: dict[str, Any] | None = None
+) -> GeneratorVersion:
+    """A generator version that is a model we run (not uploaded outputs): ``checkpoint`` is its
+    directory. Registering the same (generator, version) again updates the checkpoint and metadata
+    (a resumed RL job re-registers the checkpoints it had written)."""
+    generator = clean_text(generator, field="generator", max_length=200, strip=True)
+    version = clean_text(version, field="generator_version", max_length=200, strip=True)
+    if not generator or not version:
+        raise Invalid("generator and version are required")
+    check_json(metadata or {}, field="generator version metadata")
+    gen, _ = Generator.objects.get_or_create(name=generator)
+    gv, _ = GeneratorVersion.objects.update_or_create(
+        generator=gen,
+        name=version,
+        defaults={"checkpoint": checkpoint, "is_external": False, "metadata": metadata or {}},
+    )
+    return gv
+
+
 @dataclass(frozen=True)
 class SampleResult:
     sample: Sample

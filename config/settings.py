@@ -164,7 +164,8 @@ CACHES = {
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = REDIS_URL
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"rewards.tasks.gpu_*": {"queue": "gpu"}, "training.tasks.*": {"queue": "gpu"}}
+# Only long GPU work goes to `gpu`; cheap controller and bookkeeping tasks stay on `default`.
+CELERY_TASK_ROUTES = {"rewards.tasks.gpu_*": {"queue": "gpu"}, "training.tasks.gpu_*": {"queue": "gpu"}}
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)

@@ -1,0 +1,169 @@
+"""RL jobs in the app: launch refusals with nothing recorded, a DDPO job run on the project's
+active reward model with per-step metrics on the row and every checkpoint registered as a
+generator version (loadable with plain diffusers), cancel, and resume after a lost worker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from annotate.errors import Conflict, Invalid
+from annotate.models import GeneratorVersion
+from rewards import services as reward_services
+from rewards.models import RewardModelVersion
+from tests.rewards.helpers import brighter, image_project, simulate
+from tests.rewards.ml.tiny_models import save_tiny_clip
+from tests.training.ml.test_ddpo import _pipeline_dir
+from training import services
+from training.models import RLJob
+
+pytestmark = pytest.mark.django_db
+
+DDPO = {
+    "iterations": 2,
+    "prompts_per_iteration": 2,
+    "images_per_prompt": 2,
+    "sample_steps": 3,
+    "train_batch_size": 2,
+    "guidance_scale": 1.0,
+    "checkpoint_every": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: Any) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture
+def project(make_project: Any, manager: Any, annotator: Any, clip_dir: Path) -> Any:
+    p = image_project(
+        make_project, manager, annotators=(annotator,), prompts=2, per_prompt=8, pairs_per_prompt=20
+    )
+    simulate(p, annotator, brighter)
+    job = reward_services.reward_job_create(
+        project=p,
+        actor=manager,
+        kind="bt",
+        encoder_path=str(clip_dir),
+        hyperparameters={"epochs": 5},
+        dispatch=False,
+    )
+    job = reward_services.reward_job_run(job_id=job.id)
+    assert job.status == "succeeded", job.error
+    assert RewardModelVersion.objects.filter(project=p, is_active=True).exists()
+    return p
+
+
+def _config(**kw: Any) -> dict[str, Any]:
+    return {"pipeline": str(_pipeline_dir()), **DDPO, **kw}
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "config", "code"),
+    [
+        ("ppo", {}, "bad_algorithm"),
+        ("text_grpo", {"policy": "/nonexistent"}, "wrong_modality"),
+        ("ddpo", {"eta": 0.0}, "bad_config"),
+        ("ddpo", {"nonsense": 1}, "bad_config"),
+        ("ddpo", {"iterations": "2"}, "bad_config"),
+        ("ddpo", {"pipeline": "/nonexistent"}, "bad_model"),
+    ],
+)
+def test_every_launch_refusal_records_nothing(
+    project: Any, manager: Any, algorithm: str, config: dict[str, Any], code: str
+) -> None:
+    with pytest.raises(Invalid) as exc:
+        services.rl_job_create(
+            project=project, actor=manager, algorithm=algorithm, config=_config(**config), dispatch=False
+        )
+    assert exc.value.code == code
+    assert RLJob.objects.count() == 0
+
+
+def test_a_pipeline_of_the_wrong_kind_and_a_project_without_a_reward_model_are_refused(
+    project: Any, manager: Any, make_project: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "config.json").write_text("{}")  # a transformers directory, not a pipeline
+    with pytest.raises(Invalid, match="not a diffusers pipeline"):
+        services.rl_job_create(
+            project=project,
+            actor=manager,
+            algorithm="ddpo",
+            config=_config(pipeline=str(tmp_path)),
+            dispatch=False,
+        )
+    bare = make_project("bare", modality="image")
+    with pytest.raises(Invalid) as exc:
+        services.rl_job_create(
+            project=bare, actor=manager, algorithm="ddpo", config=_config(), dispatch=False
+        )
+    assert exc.value.code == "no_prompts"
+    assert RLJob.objects.count() == 0
+
+
+def test_an_annotator_cannot_launch(project: Any, annotator: Any) -> None:
+    with pytest.raises(Exception, match="manager"):
+        services.rl_job_create(
+            project=project, actor=annotator, algorithm="ddpo", config=_config(), dispatch=False
+        )
+    assert RLJob.objects.count() == 0
+
+
+def test_a_ddpo_job_runs_stores_its_metrics_and_registers_every_checkpoint(
+    project: Any, manager: Any
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    job = services.rl_job_create(
+        project=project, actor=manager, algorithm="ddpo", config=_config(), dispatch=False
+    )
+    assert job.status == "queued" and job.total_steps == 2
+    job = services.rl_job_run(job_id=job.id)
+    assert job.status == "succeeded", job.error
+    assert job.step == 2 and [m["iteration"] for m in job.metrics] == [1.0, 2.0]
+    assert all(m["first_ratio_error"] == 0.0 for m in job.metrics)
+    assert [Path(c).name for c in job.checkpoints] == ["checkpoint-1", "checkpoint-2"]
+    versions = GeneratorVersion.objects.filter(generator__name=f"{project.slug}-rl").order_by("name")
+    assert [v.name for v in versions] == [f"job{job.id}-checkpoint-1", f"job{job.id}-checkpoint-2"]
+    assert all(not v.is_external and v.metadata["rl_job"] == job.id for v in versions)
+    pipe = StableDiffusionPipeline.from_pretrained(str(_pipeline_dir()), local_files_only=True)
+    last = versions.last()
+    assert last is not None
+    pipe.load_lora_weights(last.checkpoint)
+    # Run again: a finished job is left as it is.
+    assert services.rl_job_run(job_id=job.id).metrics == job.metrics
+
+
+def test_a_job_whose_worker_died_resumes_from_its_last_checkpoint(project: Any, manager: Any) -> None:
+    job = services.rl_job_create(
+        project=project, actor=manager, algorithm="ddpo", config=_config(iterations=3), dispatch=False
+    )
+    first = services.rl_job_run(job_id=job.id)
+    assert first.status == "succeeded"
+    # As if the worker had died after checkpoint-2: the row still says running, checkpoint-3 is gone.
+    shutil.rmtree(Path(first.output_dir) / "checkpoint-3")
+    RLJob.objects.filter(id=job.id).update(status="running", metrics=first.metrics[:2], step=2)
+    again = services.rl_job_run(job_id=job.id)
+    assert again.status == "succeeded"
+    assert [m["iteration"] for m in again.metrics] == [1.0, 2.0, 3.0]
+    same = ("reward_mean", "loss", "approx_kl", "clip_fraction")
+    assert {k: again.metrics[2][k] for k in same} == {k: first.metrics[2][k] for k in same}  # exactly
+
+
+def test_cancel(project: Any, manager: Any) -> None:
+    job = services.rl_job_create(
+        project=project, actor=manager, algorithm="ddpo", config=_config(), dispatch=False
+    )
+    job = services.rl_job_cancel(job=job, actor=manager)
+    assert job.status == "cancelled"
+    assert services.rl_job_run(job_id=job.id).status == "cancelled"  # never started
+    with pytest.raises(Conflict):
+        services.rl_job_cancel(job=job, actor=manager)

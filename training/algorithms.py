@@ -1,0 +1,71 @@
+"""The one list of RL algorithms: name -> (config class, trainer module, modality). The model's
+choices, the services and (next) the API and admin derive from it. Imports of the trainers are
+lazy, so a web process never imports torch."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    label: str
+    config: str  # "module:Class"
+    trainer: str  # module with ``train``
+    modality: str  # what the policy generates: image or text
+    model_field: str  # the config field naming the model directory
+    online: bool  # samples and scores (True) or learns from judged pairs (False)
+
+    def config_class(self) -> Any:
+        module, _, cls = self.config.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def train_fn(self) -> Any:
+        return importlib.import_module(self.trainer).train
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm(
+            "ddpo",
+            "DDPO (diffusion)",
+            "training.ml.ddpo.config:DDPOConfig",
+            "training.ml.ddpo.trainer",
+            "image",
+            "pipeline",
+            True,
+        ),
+        Algorithm(
+            "diffusion_grpo",
+            "GRPO (diffusion)",
+            "training.ml.diffusion_grpo.config:DiffusionGRPOConfig",
+            "training.ml.diffusion_grpo.trainer",
+            "image",
+            "pipeline",
+            True,
+        ),
+        Algorithm(
+            "text_grpo",
+            "GRPO (text, TRL)",
+            "training.ml.text_grpo.config:TextGRPOConfig",
+            "training.ml.text_grpo.trainer",
+            "text",
+            "policy",
+            True,
+        ),
+        Algorithm(
+            "text_rloo",
+            "RLOO (text, TRL)",
+            "training.ml.text_rloo.config:TextRLOOConfig",
+            "training.ml.text_rloo.trainer",
+            "text",
+            "policy",
+            True,
+        ),
+    )
+}
+ALGORITHM_CHOICES = [(a.name, a.label) for a in ALGORITHMS.values()]

@@ -1,0 +1,17 @@
+"""Celery tasks of the training app: thin wrappers that load by id and call one service. ``gpu_*``
+tasks go to the ``gpu`` queue (settings.CELERY_TASK_ROUTES).
+
+An RL job's task is acknowledged late and rejected (requeued) when its worker dies, so a job whose
+worker was killed runs again and resumes from its last checkpoint; a failure inside the job is not
+retried (it is marked failed with its reason)."""
+
+from celery import shared_task
+
+
+@shared_task(
+    name="training.tasks.gpu_rl_job_run", ignore_result=True, acks_late=True, reject_on_worker_lost=True
+)
+def gpu_rl_job_run(job_id: int) -> None:
+    from training.services.jobs import rl_job_run
+
+    rl_job_run(job_id=job_id)
