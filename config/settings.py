@@ -280,6 +280,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Reward jobs and RL jobs share one status set: one name for it in the schema.
+    "ENUM_NAME_OVERRIDES": {"JobStatusEnum": ["queued", "running", "succeeded", "failed", "cancelled"]},
 }
 
 # --- Security ----------------------------------------------------------------------------------

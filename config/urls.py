@@ -55,6 +55,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/", include("annotate.api.urls")),
     path("api/", include("rewards.api.urls")),
+    path("api/", include("training.api.urls")),
 ]
 
 # Errors that escape a view or a middleware answer in the API's JSON error shape (503 when the

@@ -167,3 +167,52 @@ def test_cancel(project: Any, manager: Any) -> None:
     assert services.rl_job_run(job_id=job.id).status == "cancelled"  # never started
     with pytest.raises(Conflict):
         services.rl_job_cancel(job=job, actor=manager)
+
+
+# --- REST -------------------------------------------------------------------------------------------
+def test_launch_watch_and_cancel_over_rest(project: Any, manager: Any, annotator: Any) -> None:
+    from tests.factories import client_for
+
+    api = client_for(manager)
+    url = f"/api/projects/{project.slug}/rl-jobs/"
+    r = api.post(url, {"algorithm": "ddpo", "config": _config()}, format="json")
+    assert r.status_code == 202, r.content
+    job = r.json()
+    assert (
+        job["status"] == "queued" and job["total_steps"] == 2 and job["config"]["pipeline"]
+    )  # staff sees paths
+    assert job["reward_model"] == RewardModelVersion.objects.get(project=project, is_active=True).number
+    assert api.get(f"{url}{job['id']}/").json()["id"] == job["id"]
+    assert [j["id"] for j in api.get(url).json()["jobs"]] == [job["id"]]
+    # Members read; the model directory on the server is for staff only.
+    seen = client_for(annotator).get(f"{url}{job['id']}/").json()
+    assert "pipeline" not in seen["config"] and "checkpoints" not in seen
+    r = client_for(annotator).post(f"{url}{job['id']}/cancel/")
+    assert r.status_code == 403
+    r = api.post(f"{url}{job['id']}/cancel/")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert api.post(f"{url}{job['id']}/cancel/").status_code == 409
+    assert api.get(f"{url}999999/").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"algorithm": "ppo", "config": {}}, "algorithm"),
+        ({"algorithm": "ddpo", "config": "fast"}, "config"),
+        ({"algorithm": "ddpo", "config": {"pipeline": "/x\u0000y"}}, "config.pipeline: contains a NUL"),
+        ({"algorithm": "ddpo", "config": {"pipeline": "/" + "a" * 5000}}, "config.pipeline"),
+        ({"algorithm": "ddpo", "config": {"lora_rank": 10**30}}, "config.lora_rank"),
+        ({"algorithm": "ddpo", "config": {"pipeline": "/p", "eta": 0}}, "config: eta must be in"),
+        ({"algorithm": "text_grpo", "config": {}}, "trains text generators"),
+    ],
+)
+def test_bad_launches_over_rest_are_400s_with_nothing_stored(
+    project: Any, manager: Any, body: dict[str, Any], message: str
+) -> None:
+    from tests.factories import client_for
+
+    r = client_for(manager).post(f"/api/projects/{project.slug}/rl-jobs/", body, format="json")
+    assert r.status_code == 400, r.content
+    assert message in r.json()["error"]["message"], r.json()  # our error shape, the field named
+    assert RLJob.objects.count() == 0

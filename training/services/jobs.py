@@ -25,10 +25,14 @@ MAX_PROMPTS = 100_000  # prompts a job samples from (the project's newest)
 
 
 def _model_dir_problem(path: Path, modality: str) -> str | None:
-    if not path.is_dir():
-        return f"{path}: no such directory"
     wanted = "model_index.json" if modality == "image" else "config.json"
-    if not (path / wanted).is_file():
+    try:
+        found, has = path.is_dir(), (path / wanted).is_file()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long: the client's input
+        return f"not a usable path ({exc})"
+    if not found:
+        return f"{path}: no such directory"
+    if not has:
         kind = "a diffusers pipeline" if modality == "image" else "a transformers model"
         return f"{path}: not {kind} directory (no {wanted})"
     return None

@@ -1,0 +1,14 @@
+from django.urls import path
+
+from annotate.api import urls as _annotate_urls  # noqa: F401  (registers the <project:...> converter)
+from training.api import views
+
+urlpatterns = [
+    path("projects/<project:slug>/rl-jobs/", views.RLJobListCreateView.as_view(), name="api-rl-jobs"),
+    path("projects/<project:slug>/rl-jobs/<int:job_id>/", views.RLJobDetailView.as_view(), name="api-rl-job"),
+    path(
+        "projects/<project:slug>/rl-jobs/<int:job_id>/cancel/",
+        views.RLJobCancelView.as_view(),
+        name="api-rl-job-cancel",
+    ),
+]
