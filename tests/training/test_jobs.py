@@ -216,3 +216,65 @@ def test_bad_launches_over_rest_are_400s_with_nothing_stored(
     assert r.status_code == 400, r.content
     assert message in r.json()["error"]["message"], r.json()  # our error shape, the field named
     assert RLJob.objects.count() == 0
+
+
+# --- A text job -------------------------------------------------------------------------------------
+@pytest.fixture
+def text_project(make_project: Any, manager: Any, annotator: Any, tmp_path: Path) -> Any:
+    from annotate import services as annotate_services
+    from tests.rewards.ml.tiny_models import save_tiny_bert
+
+    bert = save_tiny_bert(tmp_path / "bert")
+    project = make_project("txt", modality="text", annotators=(annotator,))
+    words = ["alpha", "beta", "gamma", "delta", "omega"]
+    items = [
+        {"prompt": f"question {p}", "text": " ".join(words[: 1 + (i % 5)]) + f" {i}", "generator": "g"}
+        for p in range(2)
+        for i in range(8)
+    ]
+    annotate_services.sample_create_texts(project=project, actor=manager, items=items)
+    annotate_services.comparisons_create_random_pairs(
+        project=project, actor=manager, pairs_per_prompt=20, seed=1
+    )
+    simulate(project, annotator, lambda a, b: a.id if len(a.text) >= len(b.text) else b.id, noise=0.05)
+    job = reward_services.reward_job_create(
+        project=project,
+        actor=manager,
+        kind="bt",
+        encoder_path=str(bert),
+        hyperparameters={"epochs": 5},
+        dispatch=False,
+    )
+    assert reward_services.reward_job_run(job_id=job.id).status == "succeeded"
+    return project
+
+
+def _text_config(**kw: Any) -> dict[str, Any]:
+    from tests.training.ml.test_text_grpo import _policy
+
+    return {"policy": str(_policy()), "steps": 2, "prompts_per_step": 2, "num_generations": 2,
+            "max_completion_length": 6, **kw}  # fmt: skip
+
+
+def test_a_text_grpo_job_runs_on_the_text_reward_model_and_a_cancel_stops_it(
+    text_project: Any, manager: Any
+) -> None:
+    job = services.rl_job_create(
+        project=text_project, actor=manager, algorithm="text_grpo", config=_text_config(), dispatch=False
+    )
+    done = services.rl_job_run(job_id=job.id)
+    assert done.status == "succeeded", done.error
+    assert [m["step"] for m in done.metrics] == [1.0, 2.0] and done.step == 2
+    assert [Path(c).name for c in done.checkpoints] == ["final"]
+    assert GeneratorVersion.objects.filter(generator__name="txt-rl", name=f"job{job.id}-final").exists()
+    # A cancel that arrives while a job runs: it stops after the step it is in, saves, and says so.
+    other = services.rl_job_create(
+        project=text_project,
+        actor=manager,
+        algorithm="text_rloo",
+        config=_text_config(steps=5),
+        dispatch=False,
+    )
+    RLJob.objects.filter(id=other.id).update(status="running", cancel_requested=True)
+    stopped = services.rl_job_run(job_id=other.id)
+    assert stopped.status == "cancelled" and stopped.step == 1, stopped.error

@@ -157,10 +157,12 @@ def rl_job_run(*, job_id: int) -> RLJob:
         def should_stop() -> bool:
             return bool(RLJob.objects.filter(id=job.id, cancel_requested=True).exists())
 
-        kwargs: dict[str, Any] = {"output_dir": out, "progress": progress}
-        if algo.modality == "image":
-            kwargs |= {"should_stop": should_stop, "resume_from": resume}
-        result = algo.train_fn()(config, prompts, reward, **kwargs)
+        kwargs: dict[str, Any] = {"output_dir": out, "progress": progress, "should_stop": should_stop}
+        if algo.modality == "image":  # TRL runs start again from the base policy (no resume yet)
+            kwargs["resume_from"] = resume
+        # The diffusion trainers take one reward; TRL's take a list of reward functions.
+        rewards = reward if algo.modality == "image" else [reward]
+        result = algo.train_fn()(config, prompts, rewards, **kwargs)
     except Exception as exc:  # the job's own failure, recorded with its reason
         RLJob.objects.filter(id=job.id).update(
             status=RLJob.Status.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=timezone.now()

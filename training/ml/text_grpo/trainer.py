@@ -60,13 +60,16 @@ def train(
     *,
     output_dir: str | Path,
     progress: Callable[[dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TextGRPOResult:
-    """GRPO on ``prompts``; the policy (a LoRA adapter, or the whole model) is saved to ``output_dir``."""
+    """GRPO on ``prompts``; the policy (a LoRA adapter, or the whole model) is saved to
+    ``output_dir``. ``should_stop`` is asked after every step (a cancelled job stops there and
+    still saves what it has)."""
     from trl import GRPOConfig, GRPOTrainer
 
     return run_online(
         config, prompts, reward_funcs, output_dir=output_dir, progress=progress,
-        trl_config=GRPOConfig, trl_trainer=GRPOTrainer,
+        trl_config=GRPOConfig, trl_trainer=GRPOTrainer, should_stop=should_stop,
     )  # fmt: skip
 
 
@@ -79,6 +82,7 @@ def run_online(
     progress: Callable[[dict[str, float]], None] | None,
     trl_config: Any,
     trl_trainer: Any,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TextGRPOResult:
     """One of TRL's online trainers that share GRPO's interface (``GRPOTrainer``, ``RLOOTrainer``)
     with our config, prompts and reward callables."""
@@ -151,6 +155,10 @@ def run_online(
             result.metrics.append(row)
             if progress is not None:
                 progress(row)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if should_stop is not None and should_stop():
+                control.should_training_stop = True
 
     trainer = trl_trainer(
         model=str(path),
