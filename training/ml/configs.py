@@ -52,3 +52,33 @@ def config_from_dict(cls: type[T], data: Any) -> T:
     values = {k: _typed(k, v, _default(fields[k])) for k, v in data.items()}
     config = cls(**values)
     return config.validate()  # type: ignore[attr-defined]
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_diffusion_common(config: Any) -> None:
+    """The checks every diffusion trainer's config shares: image side, LoRA, checkpoints, device
+    and precision (fields ``resolution``, ``lora_rank``, ``lora_alpha``, ``lora_targets``,
+    ``checkpoint_every``, ``dtype``, ``device``)."""
+    r = config.resolution
+    require(
+        r == 0 or (8 <= r <= 2048 and r % 8 == 0),
+        "resolution must be 0 (the model's) or a multiple of 8 in 8..2048",
+    )
+    require(1 <= config.lora_rank <= 256, "lora_rank must be 1..256")
+    require(1 <= config.lora_alpha <= 1024, "lora_alpha must be 1..1024")
+    require(bool(config.lora_targets), "lora_targets must name at least one module")
+    require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+    require(config.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}")
+    d = config.device
+    require(d == "cpu" or d == "cuda" or d.startswith("cuda:"), "device must be cpu, cuda or cuda:N")
+    require(
+        not (d == "cpu" and config.dtype == "float16"), "float16 needs a GPU: use float32 or bfloat16 on cpu"
+    )

@@ -6,9 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from training.ml.configs import ConfigError, config_from_dict
-
-DTYPES = ("float32", "bfloat16", "float16")
+from training.ml.configs import ConfigError, check_diffusion_common, config_from_dict
 
 
 @dataclass
@@ -76,8 +74,6 @@ class DDPOConfig:
         need(1 <= self.sample_steps <= 1000, "sample_steps must be 1..1000")
         need(0 < self.eta <= 1.0, "eta must be in (0, 1]: a deterministic step (0) has no log-probability")
         need(1.0 <= self.guidance_scale <= 50.0, "guidance_scale must be 1..50")
-        need(self.resolution == 0 or (8 <= self.resolution <= 2048 and self.resolution % 8 == 0),
-             "resolution must be 0 (the model's) or a multiple of 8 in 8..2048")  # fmt: skip
         need(0 < self.timestep_fraction <= 1.0, "timestep_fraction must be in (0, 1]")
         need(1 <= self.inner_epochs <= 100, "inner_epochs must be 1..100")
         need(1 <= self.train_batch_size <= 4096, "train_batch_size must be 1..4096")
@@ -86,17 +82,7 @@ class DDPOConfig:
         need(self.max_grad_norm > 0, "max_grad_norm must be > 0")
         need(0 < self.clip_range <= 1.0, "clip_range must be in (0, 1]")
         need(self.adv_clip_max > 0, "adv_clip_max must be > 0")
-        need(1 <= self.lora_rank <= 256, "lora_rank must be 1..256")
-        need(1 <= self.lora_alpha <= 1024, "lora_alpha must be 1..1024")
-        need(bool(self.lora_targets), "lora_targets must name at least one module")
-        need(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
-        need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}")
-        need(self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:"),
-             "device must be cpu, cuda or cuda:N")  # fmt: skip
-        need(
-            not (self.device == "cpu" and self.dtype == "float16"),
-            "float16 needs a GPU: use float32 or bfloat16 on cpu",
-        )
+        check_diffusion_common(self)
         return self
 
     @classmethod

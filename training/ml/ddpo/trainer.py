@@ -34,8 +34,15 @@ import numpy as np
 import torch
 
 from training.ml.ddpo.config import DDPOConfig
-from training.ml.diffusion.lora import TRAINER_STATE, add_unet_lora, load_lora_into, save_checkpoint
-from training.ml.diffusion.sampling import Rollout, load_ddim_pipeline, sample_with_logprob, to_pil, unet_step
+from training.ml.diffusion.lora import add_unet_lora, resume_into, save_checkpoint, trainer_state
+from training.ml.diffusion.sampling import (
+    Rollout,
+    check_rewards,
+    load_ddim_pipeline,
+    sample_with_logprob,
+    to_pil,
+    unet_step,
+)
 
 RewardFn = Callable[[list[str], list[Any]], Sequence[float]]
 
@@ -87,19 +94,6 @@ def advantages(
     return np.clip(adv, -clip, clip), flat / max(1, len(keys))
 
 
-def check_rewards(values: Sequence[float], n: int) -> np.ndarray:
-    """The reward function's output as (n,) float64, or a readable error (it is untrusted)."""
-    try:
-        arr = np.asarray(list(values), dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"the reward function returned something that is not numbers: {exc}") from exc
-    if arr.shape != (n,):
-        raise ValueError(f"the reward function returned {arr.size} values for {n} images")
-    if not np.isfinite(arr).all():
-        raise ValueError("the reward function returned NaN or infinity")
-    return arr
-
-
 def train(
     config: DDPOConfig,
     prompts: Sequence[str],
@@ -126,12 +120,7 @@ def train(
     side = config.resolution or unet.config.sample_size * scale
     start = 0
     if resume_from is not None:
-        load_lora_into(unet, resume_from)
-        state = torch.load(Path(resume_from) / TRAINER_STATE, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        rng.setstate(state["python_rng"])
-        generator.set_state(state["generator"])
-        start = int(state["iteration"])
+        start = resume_into(resume_from, unet, optimizer, rng, generator)
     out = Path(output_dir)
     result = DDPOResult()
     steps_trained = max(1, math.ceil(config.sample_steps * config.timestep_fraction))
@@ -230,12 +219,7 @@ def train(
             progress(metrics)
         last = iteration + 1 == config.iterations
         if last or (config.checkpoint_every and (iteration + 1) % config.checkpoint_every == 0):
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "python_rng": rng.getstate(),
-                "generator": generator.get_state(),
-                "iteration": iteration + 1,
-            }
+            state = trainer_state(optimizer, rng, generator, iteration + 1)
             path = save_checkpoint(
                 type(pipe),
                 unet,

@@ -78,3 +78,25 @@ def load_lora_into(unet: Any, directory: str | Path) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"{directory}: LoRA weights that do not fit this adapter: {unexpected[:3]}")
+
+
+def trainer_state(optimizer: Any, rng: Any, generator: torch.Generator, iteration: int) -> dict[str, Any]:
+    """What a checkpoint keeps to resume exactly: optimizer, Python and torch RNG, iteration."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "python_rng": rng.getstate(),
+        "generator": generator.get_state(),
+        "iteration": iteration,
+    }
+
+
+def resume_into(
+    directory: str | Path, unet: Any, optimizer: Any, rng: Any, generator: torch.Generator
+) -> int:
+    """Load a checkpoint's LoRA weights and trainer state back; returns the iteration it ended."""
+    load_lora_into(unet, directory)
+    state = torch.load(Path(directory) / TRAINER_STATE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    rng.setstate(state["python_rng"])
+    generator.set_state(state["generator"])
+    return int(state["iteration"])

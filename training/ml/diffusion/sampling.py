@@ -175,3 +175,16 @@ def load_ddim_pipeline(pipeline: str, *, device: str, dtype: str) -> Any:
     for module in (pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     return pipe
+
+
+def check_rewards(values: Any, n: int) -> np.ndarray:
+    """The reward function's output as (n,) float64, or a readable error (it is untrusted)."""
+    try:
+        arr = np.asarray(list(values), dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the reward function returned something that is not numbers: {exc}") from exc
+    if arr.shape != (n,):
+        raise ValueError(f"the reward function returned {arr.size} values for {n} images")
+    if not np.isfinite(arr).all():
+        raise ValueError("the reward function returned NaN or infinity")
+    return arr

@@ -6,9 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from training.ml.configs import ConfigError, config_from_dict
-
-DTYPES = ("float32", "bfloat16", "float16")
+from training.ml.configs import DTYPES, ConfigError, config_from_dict
 
 
 @dataclass
