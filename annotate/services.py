@@ -281,7 +281,7 @@ def _check_modality(project: Project, modality: str) -> None:
 def sample_create_media(
     *,
     project: Project,
-    actor: Any,
+    actor: Any | None,
     file: IO[bytes],
     filename: str,
     prompt: str,
@@ -291,8 +291,10 @@ def sample_create_media(
 ) -> SampleResult:
     """Validate an image/video upload (type sniffed from bytes) and store it as a sample.
 
-    A file whose content already exists in the project returns the existing sample."""
-    member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
+    A file whose content already exists in the project returns the existing sample. ``actor=None``
+    is for internal callers (a sampling job storing what a generator rendered)."""
+    if actor is not None:
+        member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
     try:
         info = inspect_media(file)
     except MediaTooLarge as exc:
@@ -362,10 +364,12 @@ def sample_build(
 
 
 def sample_create_texts(
-    *, project: Project, actor: Any, items: Sequence[dict[str, Any]]
+    *, project: Project, actor: Any | None, items: Sequence[dict[str, Any]]
 ) -> list[SampleResult]:
-    """Create text samples in one transaction: all or nothing."""
-    member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
+    """Create text samples in one transaction: all or nothing. ``actor=None`` is for internal
+    callers (a sampling job storing what a generator wrote)."""
+    if actor is not None:
+        member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
     _check_modality(project, Modality.TEXT)
     if not items:
         raise Invalid("no samples given")

@@ -18,6 +18,7 @@ class Algorithm:
     modality: str  # what the policy generates: image or text
     model_field: str  # the config field naming the model directory
     online: bool  # samples and scores (True) or learns from judged pairs (False)
+    model_kinds: tuple[str, ...]  # what training.ml.model_dirs must find in the model directory
 
     def config_class(self) -> Any:
         module, _, cls = self.config.partition(":")
@@ -38,6 +39,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "image",
             "pipeline",
             True,
+            ("unet",),
         ),
         Algorithm(
             "diffusion_grpo",
@@ -47,6 +49,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "image",
             "pipeline",
             True,
+            ("unet",),
         ),
         Algorithm(
             "text_grpo",
@@ -56,6 +59,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "text",
             "policy",
             True,
+            ("causal_lm",),
         ),
         Algorithm(
             "text_rloo",
@@ -65,6 +69,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "text",
             "policy",
             True,
+            ("causal_lm",),
         ),
     )
 }

@@ -15,3 +15,23 @@ def gpu_rl_job_run(job_id: int) -> None:
     from training.services.jobs import rl_job_run
 
     rl_job_run(job_id=job_id)
+
+
+@shared_task(
+    name="training.tasks.gpu_sampling_job_render",
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def gpu_sampling_job_render(job_id: int) -> None:
+    from training.services.sampling import sampling_job_render
+
+    sampling_job_render(job_id=job_id)
+
+
+@shared_task(name="training.tasks.sampling_job_queue", ignore_result=True, acks_late=True)
+def sampling_job_queue(job_id: int) -> None:
+    """Bookkeeping on the default queue: it never waits behind a long GPU job."""
+    from training.services.sampling import sampling_job_queue as queue
+
+    queue(job_id=job_id)

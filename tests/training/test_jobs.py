@@ -92,7 +92,7 @@ def test_a_pipeline_of_the_wrong_kind_and_a_project_without_a_reward_model_are_r
     project: Any, manager: Any, make_project: Any, tmp_path: Path
 ) -> None:
     (tmp_path / "config.json").write_text("{}")  # a transformers directory, not a pipeline
-    with pytest.raises(Invalid, match="not a diffusers pipeline"):
+    with pytest.raises(Invalid, match="ddpo needs a UNet text-to-image pipeline"):
         services.rl_job_create(
             project=project,
             actor=manager,

@@ -1,5 +1,19 @@
 """The training app's services, one module per capability (re-exported here)."""
 
 from training.services.jobs import rl_job_cancel, rl_job_create, rl_job_run
+from training.services.sampling import (
+    generator_model_register,
+    sampling_job_create,
+    sampling_job_queue,
+    sampling_job_render,
+)
 
-__all__ = ["rl_job_cancel", "rl_job_create", "rl_job_run"]
+__all__ = [
+    "generator_model_register",
+    "rl_job_cancel",
+    "rl_job_create",
+    "rl_job_run",
+    "sampling_job_create",
+    "sampling_job_queue",
+    "sampling_job_render",
+]

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from annotate.errors import Conflict, Invalid
+from annotate.errors import Conflict, Invalid, NotFound
 from annotate.models import ProjectMember, Prompt
 from annotate.selectors import member_role_require
 from annotate.services import generator_version_register
@@ -19,22 +19,22 @@ from rewards.models import RewardModelVersion
 from training import tasks
 from training.algorithms import ALGORITHMS
 from training.ml.configs import ConfigError
+from training.ml.model_dirs import ModelDirError, describe_kinds, inspect_model_dir, require_kind
 from training.models import RLJob
+from training.services.sampling import base_version_for, sampling_check, sampling_job_create
 
 MAX_PROMPTS = 100_000  # prompts a job samples from (the project's newest)
 
 
-def _model_dir_problem(path: Path, modality: str) -> str | None:
-    wanted = "model_index.json" if modality == "image" else "config.json"
+def _model_problem(path: str, algo: Any) -> str | None:
     try:
-        found, has = path.is_dir(), (path / wanted).is_file()
-    except (OSError, ValueError) as exc:  # a NUL byte, a name too long: the client's input
-        return f"not a usable path ({exc})"
-    if not found:
-        return f"{path}: no such directory"
-    if not has:
-        kind = "a diffusers pipeline" if modality == "image" else "a transformers model"
-        return f"{path}: not {kind} directory (no {wanted})"
+        info = inspect_model_dir(path)
+    except ModelDirError as exc:
+        return f"{algo.name} needs {describe_kinds(algo.model_kinds)}: {exc}"
+    try:
+        require_kind(info, algo.model_kinds, what=algo.name)
+    except ModelDirError as exc:
+        return str(exc)
     return None
 
 
@@ -43,12 +43,23 @@ def _total(config: Any) -> int:
 
 
 def rl_job_create(
-    *, project: Any, actor: Any, algorithm: str, config: dict[str, Any], dispatch: bool = True
+    *,
+    project: Any,
+    actor: Any,
+    algorithm: str,
+    config: dict[str, Any],
+    feedback: dict[str, Any] | None = None,
+    dispatch: bool = True,
 ) -> RLJob:
     """Validate and queue an RL job. Refused with ``Invalid`` (nothing stored) for an unknown
     algorithm, one that does not fit the project's modality, a config that is unknown, mistyped or
-    out of range, a model directory that is missing or of the wrong kind, a project without
-    prompts or without an active reward model."""
+    out of range, a model directory that is missing, truncated or of the wrong kind for the
+    algorithm, a project without prompts or without an active reward model, or ``feedback`` that a
+    sampling job would refuse.
+
+    ``feedback`` (``{"prompts": 16, "within_pairs": 1, "render": {...}}``): when the job succeeds,
+    its last checkpoint renders the project's newest prompts and they are queued for people to
+    judge against the base model on the same prompts and seeds (``training.services.sampling``)."""
     member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
     algo = ALGORITHMS.get(algorithm)
     if algo is None:
@@ -62,7 +73,7 @@ def rl_job_create(
         resolved = algo.config_class().from_dict(config)
     except ConfigError as exc:
         raise Invalid(f"config: {exc}", code="bad_config") from exc
-    problem = _model_dir_problem(Path(getattr(resolved, algo.model_field)), algo.modality)
+    problem = _model_problem(getattr(resolved, algo.model_field), algo)
     if problem:
         raise Invalid(f"config.{algo.model_field}: {problem}", code="bad_model")
     if not Prompt.objects.filter(project=project).exists():
@@ -72,6 +83,8 @@ def rl_job_create(
         raise Invalid(
             "the project has no active reward model: train and activate one first", code="no_reward_model"
         )
+    if feedback is not None:
+        feedback = _feedback(project, feedback)
     with transaction.atomic():
         job = RLJob.objects.create(
             project=project,
@@ -79,11 +92,25 @@ def rl_job_create(
             config=resolved.to_dict(),
             reward_version=version,
             total_steps=_total(resolved),
+            base_version=base_version_for(project=project, path=getattr(resolved, algo.model_field)),
+            feedback=feedback,
             created_by=actor,
         )
         if dispatch:
             transaction.on_commit(lambda: tasks.gpu_rl_job_run.delay(job.id))
     return job
+
+
+def _feedback(project: Any, feedback: Any) -> dict[str, Any]:
+    if not isinstance(feedback, dict) or set(feedback) - {"prompts", "within_pairs", "render"}:
+        raise Invalid("feedback: an object with prompts, within_pairs and render", code="bad_config")
+    prompts, pairs = feedback.get("prompts", 16), feedback.get("within_pairs", 1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (prompts, pairs)):
+        raise Invalid("feedback: prompts and within_pairs must be integers", code="bad_config")
+    render, _ = sampling_check(
+        project=project, prompts=prompts, within_pairs=pairs, render=feedback.get("render"), incumbent=True
+    )
+    return {"prompts": prompts, "within_pairs": pairs, "render": render.to_dict()}
 
 
 def rl_job_cancel(*, job: RLJob, actor: Any) -> RLJob:
@@ -109,15 +136,23 @@ def _last_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def _register(job: RLJob, checkpoint: Path) -> None:
-    generator_version_register(
+def _register(job: RLJob, checkpoint: Path) -> Any:
+    base = str(job.config.get("pipeline") or job.config.get("policy"))
+    info = inspect_model_dir(checkpoint)  # a LoRA adapter, or a whole policy (TRL without LoRA)
+    model = inspect_model_dir(base) if info.kind == "lora" else info
+    return generator_version_register(
         generator=f"{job.project.slug}-rl",
         version=f"job{job.id}-{checkpoint.name}",
         checkpoint=str(checkpoint),
         metadata={
+            "project": job.project.slug,
             "rl_job": job.id,
             "algorithm": job.algorithm,
-            "base": job.config.get("pipeline") or job.config.get("policy"),
+            "kind": model.kind,
+            "class": model.class_name,
+            "modality": model.modality,
+            "base": base if info.kind == "lora" else "",
+            "adapter": info.kind == "lora",
         },
     )
 
@@ -175,11 +210,33 @@ def rl_job_run(*, job_id: int) -> RLJob:
     final = getattr(result, "output_dir", None)
     if final is not None and (Path(final) / "final").is_dir():
         checkpoints.append(Path(final) / "final")
-    for checkpoint in checkpoints:
-        _register(job, checkpoint)
-    job.refresh_from_db()
-    job.checkpoints = [str(p) for p in checkpoints]
-    job.status = RLJob.Status.CANCELLED if job.cancel_requested else RLJob.Status.SUCCEEDED
-    job.finished_at = timezone.now()
-    job.save(update_fields=["checkpoints", "status", "finished_at"])
+    with transaction.atomic():
+        versions = [_register(job, checkpoint) for checkpoint in checkpoints]
+        job.refresh_from_db()
+        job.checkpoints = [str(p) for p in checkpoints]
+        job.status = RLJob.Status.CANCELLED if job.cancel_requested else RLJob.Status.SUCCEEDED
+        job.finished_at = timezone.now()
+        job.save(update_fields=["checkpoints", "status", "finished_at"])
+        if job.status == RLJob.Status.SUCCEEDED and job.feedback and versions and job.base_version_id:
+            _feedback_queue(job, versions[-1])
     return job
+
+
+def _feedback_queue(job: RLJob, version: Any) -> None:
+    """The sampling job of a finished RL job: its last version against the base model. A refusal
+    (the project's prompts were deleted meanwhile) is recorded on the job, which still succeeded."""
+    fb = job.feedback or {}
+    try:
+        with transaction.atomic():
+            sampling_job_create(
+                project=job.project,
+                actor=None,
+                version_id=version.id,
+                incumbent_id=job.base_version_id,
+                prompts=int(fb["prompts"]),
+                within_pairs=int(fb["within_pairs"]),
+                render=fb["render"],
+                rl_job=job,
+            )
+    except (Invalid, NotFound) as exc:
+        RLJob.objects.filter(id=job.id).update(error=f"feedback not queued: {exc}")
