@@ -211,6 +211,8 @@ def inspect_model_dir(path: str | Path) -> ModelDir:
     """What ``path`` holds (see the module docstring), or ``ModelDirError`` saying why it is not a
     usable model directory."""
     try:
+        if "\x00" in str(path):
+            raise ValueError("a NUL byte in the path")
         p = Path(path)
         found = p.is_dir()
     except (OSError, ValueError, TypeError) as exc:  # a NUL byte, a name too long: the client's input

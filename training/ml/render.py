@@ -261,7 +261,9 @@ def load_generator(model_dir: str, *, base: str = "", config: RenderConfig) -> G
     if model_info.kind == "causal_lm":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_info.path), local_files_only=True, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(model_info.path), local_files_only=True, dtype=dtype
+        )
         tok_dir = info.path if (info.path / "tokenizer_config.json").is_file() else model_info.path
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         if base_info is not None:

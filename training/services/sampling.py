@@ -120,7 +120,11 @@ def base_version_for(*, project: Any, path: str) -> GeneratorVersion:
 
 def _version(project: Any, version_id: int, *, what: str) -> GeneratorVersion:
     v = GeneratorVersion.objects.filter(id=version_id).select_related("generator").first()
-    if v is None or v.metadata.get("project") != project.slug:
+    mine = v is not None and (
+        v.metadata.get("project") == project.slug
+        or Sample.objects.filter(project=project, generator_version=v).exists()  # uploaded outputs
+    )
+    if v is None or not mine:
         raise NotFound(f"{what}: no generator version {version_id} of {project.slug}")
     if v.is_external or not v.checkpoint:
         raise Invalid(f"{what}: {v} is uploaded outputs, not a model that can render", code="bad_version")
@@ -230,7 +234,7 @@ def _existing(
 def _store(
     job: SamplingJob, version: GeneratorVersion, out: Any, settings: dict[str, Any]
 ) -> tuple[int, bool]:
-    meta = {
+    meta: dict[str, Any] = {
         "seed": out.seed,
         "render": settings,
         "sampling_job": job.id,
