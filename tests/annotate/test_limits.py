@@ -226,10 +226,13 @@ def _send(client: APIClient, method: str, path: str, body: Any) -> Any:
 
 
 def test_routes_cover_the_project_api() -> None:
-    assert len(ROUTES) == 28  # 24 + the four RL-job routes (issue 12)
+    # 24 + the four RL-job routes + generator versions (list, register) and sampling jobs (list,
+    # create, detail) (issue 12)
+    assert len(ROUTES) == 33
     assert ("post", "/api/projects/{slug}/judgments/") in ROUTES
     assert ("post", "/api/projects/{slug}/reward-models/1/activate/") in ROUTES
     assert ("post", "/api/projects/{slug}/rl-jobs/1/cancel/") in ROUTES
+    assert ("post", "/api/projects/{slug}/sampling-jobs/") in ROUTES
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])

@@ -278,3 +278,59 @@ def test_an_rl_job_with_feedback_queues_its_last_checkpoint_against_the_base(
     # The LoRA checkpoint renders on its base: its images differ from the base's.
     assert sampling.samples_created == 8 and sampling.identical == 0
     assert sampling.comparisons_created == 6
+
+
+# --- REST -------------------------------------------------------------------------------------------
+def test_register_and_sample_over_rest(
+    project: Any, manager: Any, annotator: Any, pipes: tuple[Path, Path]
+) -> None:
+    from tests.factories import client_for
+
+    api, member = client_for(manager), client_for(annotator)
+    url = f"/api/projects/{project.slug}/generator-versions/"
+    r = api.post(url, {"generator": "sd", "version": "base", "path": str(pipes[0])}, format="json")
+    assert r.status_code == 201, r.content
+    base = r.json()
+    assert (base["kind"], base["modality"], base["adapter"], base["checkpoint"]) == (
+        "unet",
+        "image",
+        False,
+        str(pipes[0]),
+    )
+    tuned = api.post(
+        url, {"generator": "sd", "version": "tuned", "path": str(pipes[1])}, format="json"
+    ).json()
+    seen = member.get(url).json()["versions"]
+    assert [v["version"] for v in seen] == ["tuned", "base"] and "checkpoint" not in seen[0]  # paths: staff
+    r = member.post(url, {"generator": "sd", "version": "x", "path": str(pipes[0])}, format="json")
+    assert r.status_code == 403
+    for body, message in [
+        ({"generator": "sd", "version": "y", "path": "/nowhere"}, "no such directory"),
+        ({"generator": "sd", "version": "y", "path": "/a\u0000b"}, "NUL"),
+        ({"generator": "sd", "version": "y"}, "path"),
+    ]:
+        r = api.post(url, body, format="json")
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.content
+    assert len(api.get(url).json()["versions"]) == 2
+
+    jobs = f"/api/projects/{project.slug}/sampling-jobs/"
+    body = {
+        "version": tuned["id"],
+        "incumbent": base["id"],
+        "prompts": 2,
+        "within_pairs": 1,
+        "render": RENDER,
+    }
+    r = api.post(jobs, body, format="json")
+    assert r.status_code == 202, r.content
+    job = r.json()
+    assert (job["status"], job["round"], job["total"], job["prompts"]) == ("queued", 1, 8, 2)
+    _run(SamplingJob.objects.get(id=job["id"]))
+    done = member.get(f"{jobs}{job['id']}/").json()
+    assert (done["status"], done["comparisons_created"], done["done"]) == ("succeeded", 6, 8)
+    assert [j["id"] for j in member.get(jobs).json()["jobs"]] == [job["id"]]
+    assert member.post(jobs, body, format="json").status_code == 403
+    for change, code in [({"version": 10**9}, 404), ({"render": {"steps": 0}}, 400), ({"prompts": "x"}, 400)]:
+        assert api.post(jobs, {**body, **change}, format="json").status_code == code, change
+    assert api.get(f"{jobs}999999/").status_code == 404
+    assert SamplingJob.objects.count() == 1

@@ -11,4 +11,19 @@ urlpatterns = [
         views.RLJobCancelView.as_view(),
         name="api-rl-job-cancel",
     ),
+    path(
+        "projects/<project:slug>/generator-versions/",
+        views.GeneratorModelListCreateView.as_view(),
+        name="api-generator-models",
+    ),
+    path(
+        "projects/<project:slug>/sampling-jobs/",
+        views.SamplingJobListCreateView.as_view(),
+        name="api-sampling-jobs",
+    ),
+    path(
+        "projects/<project:slug>/sampling-jobs/<int:job_id>/",
+        views.SamplingJobDetailView.as_view(),
+        name="api-sampling-job",
+    ),
 ]

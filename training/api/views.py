@@ -1,4 +1,5 @@
-"""REST API of the training app: launch, watch and cancel RL jobs. Thin views: parse, call a
+"""REST API of the training app: launch, watch and cancel RL jobs; register generator versions that
+are model directories; launch and watch sampling jobs. Thin views: parse, call a
 service, render. Permissions are checked by the services (managers launch and cancel; any member
 reads). Server paths (the model directory, checkpoints) are shown to staff only."""
 
@@ -17,7 +18,7 @@ from annotate.api.views import AUTHED_ERRORS, BODY_ERRORS, errors
 from annotate.errors import NotFound
 from training import services
 from training.algorithms import ALGORITHMS
-from training.models import RLJob
+from training.models import RLJob, SamplingJob
 
 PATH_FIELDS = ("pipeline", "policy")
 
@@ -80,6 +81,12 @@ class RLJobListCreateView(APIView):
             help_text="the algorithm's config fields (training/ml/<algorithm>/config.py); the model "
             "directory (pipeline or policy) is a path on the server"
         )
+        feedback = serializers.DictField(
+            required=False,
+            allow_null=True,
+            help_text="when set, {prompts, within_pairs, render}: at the end, the last checkpoint's "
+            "outputs are queued for judging against the base model (a sampling job)",
+        )
 
     @extend_schema(
         operation_id="rl_jobs_list",
@@ -106,7 +113,11 @@ class RLJobListCreateView(APIView):
         data.is_valid(raise_exception=True)
         v = data.validated_data
         job = services.rl_job_create(
-            project=project, actor=request.user, algorithm=v["algorithm"], config=v["config"]
+            project=project,
+            actor=request.user,
+            algorithm=v["algorithm"],
+            config=v["config"],
+            feedback=v.get("feedback"),
         )
         return Response(job_out(job, staff=request.user.is_staff), status=status.HTTP_202_ACCEPTED)
 
@@ -126,3 +137,199 @@ class RLJobCancelView(APIView):
         project, _ = selectors.project_for_member(slug=slug, user=request.user)
         job = services.rl_job_cancel(job=_job(project, job_id), actor=request.user)
         return Response(job_out(job, staff=request.user.is_staff))
+
+
+# --- Generator versions that are model directories --------------------------------------------------
+@extend_schema_serializer(component_name="GeneratorModel")
+class GeneratorModelOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    generator = serializers.CharField()
+    version = serializers.CharField()
+    kind = serializers.CharField(help_text="unet, flow, video or causal_lm (an adapter: its base's)")
+    model_class = serializers.CharField(help_text="the pipeline's or architecture's class")
+    modality = serializers.CharField()
+    adapter = serializers.BooleanField(help_text="a LoRA adapter that runs on its base model")
+    rl_job = serializers.IntegerField(allow_null=True, help_text="the RL job that wrote it, if any")
+    checkpoint = serializers.CharField(required=False, help_text="staff only")
+    base = serializers.CharField(required=False, allow_blank=True, help_text="staff only")
+    created_at = serializers.DateTimeField()
+
+
+def generator_out(v: Any, *, staff: bool = False) -> dict[str, Any]:
+    m = v.metadata
+    out: dict[str, Any] = {
+        "id": v.id,
+        "generator": v.generator.name,
+        "version": v.name,
+        "kind": str(m.get("kind", "")),
+        "model_class": str(m.get("class", "")),
+        "modality": str(m.get("modality", "")),
+        "adapter": bool(m.get("adapter", False)),
+        "rl_job": m.get("rl_job") if isinstance(m.get("rl_job"), int) else None,
+        "created_at": v.created_at.isoformat(),
+    }
+    if staff:
+        out.update(checkpoint=v.checkpoint, base=str(m.get("base", "")))
+    return out
+
+
+class GeneratorModelListCreateView(APIView):
+    @extend_schema_serializer(component_name="GeneratorModelRegister")
+    class InputSerializer(serializers.Serializer):
+        generator = serializers.CharField(max_length=200)
+        version = serializers.CharField(max_length=200)
+        path = serializers.CharField(max_length=1000, help_text="a local model directory on the server")
+        base = serializers.CharField(
+            max_length=1000, required=False, allow_blank=True, help_text="for a LoRA adapter: its base model"
+        )
+
+    @extend_schema(
+        operation_id="generator_models_list",
+        responses={
+            200: inline_serializer("GeneratorModelList", {"versions": GeneratorModelOut(many=True)}),
+            **errors(*AUTHED_ERRORS),
+        },
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        versions = services.generator_models_of(project=project)
+        return Response({"versions": [generator_out(v, staff=request.user.is_staff) for v in versions]})
+
+    @extend_schema(
+        operation_id="generator_model_register",
+        request=InputSerializer,
+        description="Register (or update) a generator version that is a local model directory "
+        "(managers): a diffusers pipeline, a causal LM, or a LoRA adapter with its base; checked "
+        "from its files (missing, truncated or of the wrong kind: a 400, nothing stored).",
+        responses={201: GeneratorModelOut, **errors(*AUTHED_ERRORS, *BODY_ERRORS)},
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        version = services.generator_model_register(
+            project=project,
+            actor=request.user,
+            generator=v["generator"],
+            version=v["version"],
+            path=v["path"],
+            base=v.get("base", ""),
+        )
+        return Response(generator_out(version, staff=request.user.is_staff), status=status.HTTP_201_CREATED)
+
+
+# --- Sampling jobs ------------------------------------------------------------------------------------
+@extend_schema_serializer(component_name="SamplingJob")
+class SamplingJobOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    round = serializers.IntegerField()
+    status = serializers.ChoiceField(choices=SamplingJob.Status.values)
+    version = serializers.IntegerField(help_text="the generator version rendered")
+    incumbent = serializers.IntegerField(allow_null=True)
+    rl_job = serializers.IntegerField(allow_null=True)
+    prompts = serializers.IntegerField()
+    within_pairs = serializers.IntegerField()
+    render = serializers.DictField(help_text="the render settings (training/ml/render.py)")
+    done = serializers.IntegerField()
+    total = serializers.IntegerField()
+    samples_created = serializers.IntegerField()
+    samples_reused = serializers.IntegerField()
+    comparisons_created = serializers.IntegerField()
+    identical = serializers.IntegerField()
+    error = serializers.CharField(allow_blank=True)
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    rendered_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+def _iso(t: Any) -> str | None:
+    return t.isoformat() if t else None
+
+
+def sampling_out(job: SamplingJob) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "round": job.round,
+        "status": job.status,
+        "version": job.version_id,
+        "incumbent": job.incumbent_id,
+        "rl_job": job.rl_job_id,
+        "prompts": len(job.prompt_ids),
+        "within_pairs": job.within_pairs,
+        "render": job.config,
+        "done": job.done,
+        "total": job.total,
+        "samples_created": job.samples_created,
+        "samples_reused": job.samples_reused,
+        "comparisons_created": job.comparisons_created,
+        "identical": job.identical,
+        "error": job.error,
+        "created_at": job.created_at.isoformat(),
+        "started_at": _iso(job.started_at),
+        "rendered_at": _iso(job.rendered_at),
+        "finished_at": _iso(job.finished_at),
+    }
+
+
+class SamplingJobListCreateView(APIView):
+    @extend_schema_serializer(component_name="SamplingJobCreate")
+    class InputSerializer(serializers.Serializer):
+        version = serializers.IntegerField(help_text="the generator version to render")
+        incumbent = serializers.IntegerField(
+            required=False, allow_null=True, help_text="compared on the same prompts and seeds"
+        )
+        prompts = serializers.IntegerField(default=16, help_text="the project's newest N prompts")
+        within_pairs = serializers.IntegerField(default=1, help_text="pairs per prompt within the new group")
+        render = serializers.DictField(required=False, help_text="training/ml/render.py:RenderConfig fields")
+        round = serializers.IntegerField(required=False, allow_null=True, help_text="default: the next round")
+
+    @extend_schema(
+        operation_id="sampling_jobs_list",
+        responses={
+            200: inline_serializer("SamplingJobList", {"jobs": SamplingJobOut(many=True)}),
+            **errors(*AUTHED_ERRORS),
+        },
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        jobs = SamplingJob.objects.filter(project=project).order_by("-id")[:100]
+        return Response({"jobs": [sampling_out(j) for j in jobs]})
+
+    @extend_schema(
+        operation_id="sampling_job_create",
+        request=InputSerializer,
+        description="Render a generator version's outputs for the project's newest prompts (gpu "
+        "queue), then queue comparisons against the incumbent and within the group, tagged with the "
+        "round (managers); every refusal is a 4xx with nothing stored.",
+        responses={202: SamplingJobOut, **errors(*AUTHED_ERRORS, *BODY_ERRORS)},
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        job = services.sampling_job_create(
+            project=project,
+            actor=request.user,
+            version_id=v["version"],
+            incumbent_id=v.get("incumbent"),
+            prompts=v["prompts"],
+            within_pairs=v["within_pairs"],
+            render=v.get("render") or {},
+            round=v.get("round"),
+        )
+        return Response(sampling_out(job), status=status.HTTP_202_ACCEPTED)
+
+
+class SamplingJobDetailView(APIView):
+    @extend_schema(
+        operation_id="sampling_job_detail", responses={200: SamplingJobOut, **errors(*AUTHED_ERRORS)}
+    )
+    def get(self, request: Request, slug: str, job_id: int) -> Response:
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        job = SamplingJob.objects.filter(project=project, id=job_id).first()
+        if job is None:
+            raise NotFound(f"no sampling job {job_id} in {project.slug}")
+        return Response(sampling_out(job))

@@ -3,6 +3,7 @@
 from training.services.jobs import rl_job_cancel, rl_job_create, rl_job_run
 from training.services.sampling import (
     generator_model_register,
+    generator_models_of,
     sampling_job_create,
     sampling_job_queue,
     sampling_job_render,
@@ -10,6 +11,7 @@ from training.services.sampling import (
 
 __all__ = [
     "generator_model_register",
+    "generator_models_of",
     "rl_job_cancel",
     "rl_job_create",
     "rl_job_run",

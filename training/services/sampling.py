@@ -89,6 +89,15 @@ def generator_model_register(
     )
 
 
+def generator_models_of(*, project: Any) -> list[GeneratorVersion]:
+    """The project's generator versions that are models (newest first, at most 500)."""
+    return list(
+        GeneratorVersion.objects.filter(metadata__project=project.slug, is_external=False)
+        .select_related("generator")
+        .order_by("-id")[:500]
+    )
+
+
 def base_version_for(*, project: Any, path: str) -> GeneratorVersion:
     """The generator version of a base model directory an RL job starts from: the project's
     registered version with that checkpoint, else one registered now as ``<slug>-base``."""
