@@ -24,7 +24,7 @@ from training.models import RLJob, SamplingJob
 
 pytestmark = pytest.mark.django_db
 
-RENDER = {"per_prompt": 2, "steps": 2, "guidance_scale": 1.0}
+RENDER: dict[str, Any] = {"per_prompt": 2, "steps": 2, "guidance_scale": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +314,7 @@ def test_register_and_sample_over_rest(
     assert len(api.get(url).json()["versions"]) == 2
 
     jobs = f"/api/projects/{project.slug}/sampling-jobs/"
-    body = {
+    body: dict[str, Any] = {
         "version": tuned["id"],
         "incumbent": base["id"],
         "prompts": 2,
@@ -330,7 +330,12 @@ def test_register_and_sample_over_rest(
     assert (done["status"], done["comparisons_created"], done["done"]) == ("succeeded", 6, 8)
     assert [j["id"] for j in member.get(jobs).json()["jobs"]] == [job["id"]]
     assert member.post(jobs, body, format="json").status_code == 403
-    for change, code in [({"version": 10**9}, 404), ({"render": {"steps": 0}}, 400), ({"prompts": "x"}, 400)]:
+    changes: list[tuple[dict[str, Any], int]] = [
+        ({"version": 10**9}, 404),
+        ({"render": {"steps": 0}}, 400),
+        ({"prompts": "x"}, 400),
+    ]
+    for change, code in changes:
         assert api.post(jobs, {**body, **change}, format="json").status_code == code, change
     assert api.get(f"{jobs}999999/").status_code == 404
     assert SamplingJob.objects.count() == 1
