@@ -304,12 +304,12 @@ def test_register_and_sample_over_rest(
     assert [v["version"] for v in seen] == ["tuned", "base"] and "checkpoint" not in seen[0]  # paths: staff
     r = member.post(url, {"generator": "sd", "version": "x", "path": str(pipes[0])}, format="json")
     assert r.status_code == 403
-    for body, message in [
+    for bad, message in [
         ({"generator": "sd", "version": "y", "path": "/nowhere"}, "no such directory"),
         ({"generator": "sd", "version": "y", "path": "/a\u0000b"}, "NUL"),
         ({"generator": "sd", "version": "y"}, "path"),
     ]:
-        r = api.post(url, body, format="json")
+        r = api.post(url, bad, format="json")
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.content
     assert len(api.get(url).json()["versions"]) == 2
 
