@@ -97,7 +97,7 @@ def test_launch_watch_plot_and_cancel_in_admin(admin_client: Client, project: An
 
 
 def test_metric_charts_plot_every_number_logged() -> None:
-    metrics = [
+    metrics: list[dict[str, Any]] = [
         {"iteration": 1, "reward_mean": 0.5, "kl": 0.0, "note": "x", "flag": True},
         {"iteration": 2, "reward_mean": 0.6, "kl": float("nan")},
     ]
