@@ -120,9 +120,10 @@ def test_a_job_whose_worker_died_resumes_from_its_last_checkpoint(project: Any, 
     )
     first = services.rl_job_run(job_id=job.id)
     assert first.status == "succeeded"
-    # As if the worker had died after checkpoint-2: the row still says running, checkpoint-3 is gone.
+    # As if the worker had died during iteration 3, after checkpoint-2: the row still says running
+    # and holds iteration 3's metrics, checkpoint-3 is gone.
     shutil.rmtree(Path(first.output_dir) / "checkpoint-3")
-    RLJob.objects.filter(id=job.id).update(status="running", metrics=first.metrics[:2], step=2)
+    RLJob.objects.filter(id=job.id).update(status="running", metrics=first.metrics, step=3)
     again = services.rl_job_run(job_id=job.id)
     assert again.status == "succeeded"
     assert [m["iteration"] for m in again.metrics] == [1.0, 2.0, 3.0]

@@ -131,9 +131,16 @@ def _output_dir(job: RLJob) -> Path:
     return Path(settings.MEDIA_ROOT) / "rl_jobs" / job.project.slug / f"job-{job.id}"
 
 
-def _last_checkpoint(out: Path) -> Path | None:
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    """The whole checkpoints in ``out``, oldest first (one being written is a hidden temporary
+    directory until its rename, so it is never listed)."""
     done = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return sorted(done, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _last_checkpoint(out: Path) -> Path | None:
+    done = _checkpoint_dirs(out)
+    return done[-1] if done else None
 
 
 def _register(job: RLJob, checkpoint: Path) -> Any:
@@ -155,6 +162,11 @@ def _register(job: RLJob, checkpoint: Path) -> Any:
             "adapter": info.kind == "lora",
         },
     )
+
+
+def _step_of(row: dict[str, Any], default: int) -> int:
+    value = row.get("iteration") or row.get("step")
+    return int(value) if isinstance(value, int | float) else default
 
 
 def rl_job_run(*, job_id: int) -> RLJob:
@@ -181,12 +193,14 @@ def rl_job_run(*, job_id: int) -> RLJob:
             .values_list("text", flat=True)[:MAX_PROMPTS]
         )
         reward = RewardFunction.from_pretrained(job.reward_version.path, device=config.device)
-        metrics: list[dict[str, Any]] = list(job.metrics) if resume else []
+        # Resuming: keep the steps up to the checkpoint; the ones after it are run (and logged) again.
+        upto = int(resume.name.split("-")[-1]) if resume else 0
+        metrics: list[dict[str, Any]] = [m for m in job.metrics if _step_of(m, 0) <= upto] if resume else []
 
         def progress(m: Any) -> None:
             row = m.to_dict() if hasattr(m, "to_dict") else dict(m)
             metrics.append(row)
-            step = int(row.get("iteration") or row.get("step") or len(metrics))
+            step = _step_of(row, len(metrics))
             RLJob.objects.filter(id=job.id).update(step=step, metrics=metrics)
 
         def should_stop() -> bool:
@@ -204,9 +218,7 @@ def rl_job_run(*, job_id: int) -> RLJob:
         )
         job.refresh_from_db()
         return job
-    checkpoints = sorted(
-        (p for p in out.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[-1])
-    )
+    checkpoints = _checkpoint_dirs(out)
     final = getattr(result, "output_dir", None)
     if final is not None and (Path(final) / "final").is_dir():
         checkpoints.append(Path(final) / "final")
