@@ -91,6 +91,147 @@ def tiny_sd_pipeline(
     return out
 
 
+def _clip_pair(tokenizer: Any, *, hidden: int) -> tuple[Any, Any]:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    def one() -> Any:
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                projection_dim=hidden,
+                num_attention_heads=2,
+                num_hidden_layers=1,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=32,
+                bos_token_id=tokenizer.cls_token_id,
+                eos_token_id=tokenizer.sep_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+
+    return one(), one()
+
+
+def tiny_sd3_pipeline(directory: str | Path, *, seed: int = 0, sample_size: int = 8) -> Path:
+    """A Stable Diffusion 3-like flow-matching pipeline (an MMDiT transformer, a VAE, two CLIP text
+    towers with projections and a tiny T5, ``FlowMatchEulerDiscreteScheduler``) with random weights,
+    saved to ``directory``; images are ``sample_size * 2`` pixels square."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_path()))
+    tokenizer.model_max_length = 32
+    text_encoder, text_encoder_2 = _clip_pair(tokenizer, hidden=16)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=32,  # T5's width; the two CLIP towers' hidden states side by side fill it
+        pooled_projection_dim=32,  # their two pooled projections side by side
+        out_channels=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size * 2,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=tokenizer,
+    )
+    out = Path(directory)
+    pipe.save_pretrained(str(out))
+    return out
+
+
+def tiny_wan_pipeline(directory: str | Path, *, seed: int = 0) -> Path:
+    """A Wan-like text-to-video pipeline (a 3D flow-matching transformer, Wan's causal video VAE, a
+    tiny UMT5 text encoder, ``FlowMatchEulerDiscreteScheduler``) with random weights, saved to
+    ``directory``; sizes from diffusers' own Wan tests (16x16 pixels, 9 frames)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import AutoTokenizer, T5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_path()))
+    tokenizer.model_max_length = 32
+    text_encoder = UMT5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer,
+    )
+    out = Path(directory)
+    pipe.save_pretrained(str(out))
+    return out
+
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
