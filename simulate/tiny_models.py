@@ -185,7 +185,12 @@ def tiny_wan_pipeline(directory: str | Path, *, seed: int = 0) -> Path:
     """A Wan-like text-to-video pipeline (a 3D flow-matching transformer, Wan's causal video VAE, a
     tiny UMT5 text encoder, ``FlowMatchEulerDiscreteScheduler``) with random weights, saved to
     ``directory``; sizes from diffusers' own Wan tests (16x16 pixels, 9 frames)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import AutoTokenizer, T5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
