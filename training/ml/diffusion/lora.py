@@ -29,7 +29,7 @@ def add_unet_lora(unet: Any, *, rank: int, alpha: int, targets: list[str]) -> li
     )
     params = [p for p in unet.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"no UNet module matches lora_targets {targets}")
+        raise ValueError(f"no module of the denoiser matches lora_targets {targets}")
     for p in params:  # trained in float32 whatever the frozen weights' precision
         p.data = p.data.float()
     return params
@@ -43,10 +43,12 @@ def save_checkpoint(
     config: dict[str, Any],
     state: dict[str, Any] | None = None,
     files: dict[str, str] | None = None,
+    component: str = "unet",
 ) -> Path:
-    """Write the UNet's LoRA weights (diffusers' format), the run's config, ``state`` for resuming
-    and any other text ``files`` to ``directory`` atomically: a sibling temporary directory, renamed
-    at the end."""
+    """Write the denoiser's LoRA weights (diffusers' format; ``component``: ``unet``, or
+    ``transformer`` for SD3- and Wan-like pipelines), the run's config, ``state`` for resuming and
+    any other text ``files`` to ``directory`` atomically: a sibling temporary directory, renamed at
+    the end."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
     target = Path(directory)
@@ -55,7 +57,9 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    pipeline_cls.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers, safe_serialization=True)
+    pipeline_cls.save_lora_weights(
+        save_directory=str(tmp), **{f"{component}_lora_layers": layers}, safe_serialization=True
+    )
     (tmp / RUN_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     if state is not None:
         torch.save(state, tmp / TRAINER_STATE)
@@ -67,13 +71,14 @@ def save_checkpoint(
     return target
 
 
-def load_lora_into(unet: Any, directory: str | Path) -> None:
-    """Load a checkpoint's LoRA weights into a UNet that already has the same adapter (resuming)."""
+def load_lora_into(unet: Any, directory: str | Path, *, component: str = "unet") -> None:
+    """Load a checkpoint's LoRA weights into a denoiser (``component``) that already has the same
+    adapter (resuming)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors.torch import load_file
 
     weights = load_file(str(Path(directory) / LORA_WEIGHTS))
-    weights = {k.removeprefix("unet."): v for k, v in weights.items()}
+    weights = {k.removeprefix(f"{component}."): v for k, v in weights.items()}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
@@ -91,10 +96,16 @@ def trainer_state(optimizer: Any, rng: Any, generator: torch.Generator, iteratio
 
 
 def resume_into(
-    directory: str | Path, unet: Any, optimizer: Any, rng: Any, generator: torch.Generator
+    directory: str | Path,
+    unet: Any,
+    optimizer: Any,
+    rng: Any,
+    generator: torch.Generator,
+    *,
+    component: str = "unet",
 ) -> int:
     """Load a checkpoint's LoRA weights and trainer state back; returns the iteration it ended."""
-    load_lora_into(unet, directory)
+    load_lora_into(unet, directory, component=component)
     state = torch.load(Path(directory) / TRAINER_STATE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     rng.setstate(state["python_rng"])
