@@ -15,7 +15,7 @@ class Algorithm:
     label: str
     config: str  # "module:Class"
     trainer: str  # module with ``train``
-    modality: str  # what the policy generates: image or text
+    modality: str  # what the policy generates: image, video or text
     model_field: str  # the config field naming the model directory
     online: bool  # samples and scores (True) or learns from judged pairs (False)
     model_kinds: tuple[str, ...]  # what training.ml.model_dirs must find in the model directory
@@ -50,6 +50,26 @@ ALGORITHMS: dict[str, Algorithm] = {
             "pipeline",
             True,
             ("unet",),
+        ),
+        Algorithm(
+            "flow_grpo",
+            "Flow-GRPO (flow-matching images)",
+            "training.ml.flow_grpo.config:FlowGRPOConfig",
+            "training.ml.flow_grpo.trainer",
+            "image",
+            "pipeline",
+            True,
+            ("flow",),
+        ),
+        Algorithm(
+            "video_grpo",
+            "Flow-GRPO (text-to-video)",
+            "training.ml.flow_grpo.config:VideoGRPOConfig",
+            "training.ml.flow_grpo.trainer",
+            "video",
+            "pipeline",
+            True,
+            ("video",),
         ),
         Algorithm(
             "text_grpo",

@@ -71,3 +71,36 @@ def text_project(make_project: Any, manager: Any, annotator: Any, tmp_path: Path
     )
     assert reward_services.reward_job_run(job_id=job.id).status == "succeeded"
     return project
+
+
+@pytest.fixture
+def video_project(make_project: Any, manager: Any, annotator: Any, clip_dir: Path) -> Any:
+    """Eight short clips judged "the older upload wins", a BT reward model on 4 frames of each."""
+    import io
+
+    from django.test import override_settings
+
+    from annotate import services as annotate_services
+    from rewards.models import RewardConfig
+    from tests.factories import mp4_bytes
+
+    p = make_project("vid", modality="video", annotators=(annotator,))
+    for i in range(8):
+        annotate_services.sample_create_media(
+            project=p,
+            actor=manager,
+            file=io.BytesIO(mp4_bytes(frames=6 + i, seed=i)),
+            filename=f"{i}.mp4",
+            prompt=f"a clip {i % 2}",
+        )
+    annotate_services.comparisons_create_random_pairs(project=p, actor=manager, pairs_per_prompt=12, seed=0)
+    simulate(p, annotator, lambda a, b: min(a.id, b.id))
+    with override_settings(RL_REWARD_MIN_PAIRS=5):
+        RewardConfig.objects.update_or_create(project=p, defaults={"video_frames": 4})
+        job = reward_services.reward_job_create(
+            project=p, actor=manager, kind="bt", encoder_path=str(clip_dir), hyperparameters={"epochs": 3},
+            dispatch=False,
+        )  # fmt: skip
+        job = reward_services.reward_job_run(job_id=job.id)
+    assert job.status == "succeeded", job.error
+    return p

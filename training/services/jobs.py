@@ -207,10 +207,11 @@ def rl_job_run(*, job_id: int) -> RLJob:
             return bool(RLJob.objects.filter(id=job.id, cancel_requested=True).exists())
 
         kwargs: dict[str, Any] = {"output_dir": out, "progress": progress, "should_stop": should_stop}
-        if algo.modality == "image":  # TRL runs start again from the base policy (no resume yet)
+        diffusion = algo.modality != "text"
+        if diffusion:  # TRL runs start again from the base policy (no resume yet)
             kwargs["resume_from"] = resume
         # The diffusion trainers take one reward; TRL's take a list of reward functions.
-        rewards = reward if algo.modality == "image" else [reward]
+        rewards = reward if diffusion else [reward]
         result = algo.train_fn()(config, prompts, rewards, **kwargs)
     except Exception as exc:  # the job's own failure, recorded with its reason
         RLJob.objects.filter(id=job.id).update(
