@@ -191,13 +191,13 @@ def tiny_wan_pipeline(directory: str | Path, *, seed: int = 0) -> Path:
         WanPipeline,
         WanTransformer3DModel,
     )
-    from transformers import AutoTokenizer, T5Config, UMT5EncoderModel
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_path()))
     tokenizer.model_max_length = 32
     text_encoder = UMT5EncoderModel(
-        T5Config(
+        UMT5Config(
             vocab_size=len(tokenizer),
             d_model=32,
             d_kv=8,

@@ -67,11 +67,23 @@ class LaunchForm(forms.Form):
         "them for judging against the base model (empty: no feedback)",
     )
 
+    reward = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2, "cols": 70}),
+        required=False,
+        initial="",
+        help_text='optional, every key optional: {"version": reward model number (default: the active '
+        'one), "conservative_k": 1.0 (ensembles: mean - k * std), "artifact_version": an artifact '
+        'classifier\'s number, "artifact_weight": 1.0}',
+    )
+
     def clean_config(self) -> dict[str, Any]:
         return _json_object(self.cleaned_data["config"], required=True) or {}
 
     def clean_feedback(self) -> dict[str, Any] | None:
         return _json_object(self.cleaned_data.get("feedback") or "", required=False)
+
+    def clean_reward(self) -> dict[str, Any] | None:
+        return _json_object(self.cleaned_data.get("reward") or "", required=False)
 
 
 def metric_charts(metrics: list[dict[str, Any]]) -> str:
@@ -108,6 +120,8 @@ class RLJobAdmin(admin.ModelAdmin):
         "progress_display",
         "metrics_plot",
         "reward_version",
+        "artifact_version",
+        "reward_options",
         "base_version",
         "config_display",
         "feedback",
@@ -175,6 +189,7 @@ class RLJobAdmin(admin.ModelAdmin):
                     algorithm=d["algorithm"],
                     config=d["config"],
                     feedback=d["feedback"],
+                    reward=d["reward"],
                 )
             except ServiceError as exc:
                 form.add_error(None, exc.message)

@@ -72,6 +72,16 @@ ALGORITHMS: dict[str, Algorithm] = {
             ("video",),
         ),
         Algorithm(
+            "diffusion_dpo",
+            "Diffusion-DPO (offline, judged pairs)",
+            "training.ml.diffusion_dpo.config:DiffusionDPOConfig",
+            "training.ml.diffusion_dpo.trainer",
+            "image",
+            "pipeline",
+            False,
+            ("unet",),
+        ),
+        Algorithm(
             "text_grpo",
             "GRPO (text, TRL)",
             "training.ml.text_grpo.config:TextGRPOConfig",
@@ -89,6 +99,16 @@ ALGORITHMS: dict[str, Algorithm] = {
             "text",
             "policy",
             True,
+            ("causal_lm",),
+        ),
+        Algorithm(
+            "text_dpo",
+            "DPO (text, TRL, offline, judged pairs)",
+            "training.ml.text_dpo.config:TextDPOConfig",
+            "training.ml.text_dpo.trainer",
+            "text",
+            "policy",
+            False,
             ("causal_lm",),
         ),
     )

@@ -26,9 +26,33 @@ class RLJob(models.Model):
     config = models.JSONField(help_text="the resolved config dataclass, as validated at launch")
     reward_version = models.ForeignKey(
         "rewards.RewardModelVersion",
+        null=True,
+        blank=True,
         on_delete=models.PROTECT,
         related_name="rl_jobs",
-        help_text="the reward model it optimises (the project's active one at launch)",
+        help_text="the reward model it optimises (the project's active one at launch, or one chosen); "
+        "none for the offline algorithms, which learn from judged pairs",
+    )
+    snapshot = models.ForeignKey(
+        "annotate.DatasetSnapshot",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="offline algorithms: the judgments it learns from, frozen at launch",
+    )
+    artifact_version = models.ForeignKey(
+        "rewards.RewardModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="an artifact classifier of the project whose P(artifact) is subtracted from the reward",
+    )
+    reward_options = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="how the reward is made: {conservative_k, artifact_weight} (training/ml/reward.py)",
     )
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     cancel_requested = models.BooleanField(default=False)

@@ -34,7 +34,7 @@ from PIL import Image
 
 from rewards.ml.encoders import Encoder, load_encoder
 from rewards.ml.encoders import _uniform_indices as uniform_indices
-from rewards.ml.model import CONFIG_NAME, RewardModel, load_reward_model
+from rewards.ml.model import CONFIG_NAME, RewardModel, ScoreOutput, load_reward_model
 
 ENCODER_DIR = "encoder"
 
@@ -125,19 +125,39 @@ class RewardFunction:
     ) -> list[float]:
         """One float per output, higher is better. ``outputs`` and ``completions`` (TRL's name) are
         the same argument; dataset columns TRL passes along are ignored."""
-        items = list(outputs if outputs is not None else completions if completions is not None else [])
-        prompt_texts = [_text(p) for p in prompts]
-        if len(prompt_texts) != len(items):
-            raise ValueError(f"{len(prompt_texts)} prompts for {len(items)} outputs")
+        prompt_texts, items = self.inputs(prompts, completions, outputs)
         if not items:
             return []
         return [float(v) for v in self.score(prompt_texts, items)]
 
+    @staticmethod
+    def inputs(
+        prompts: Sequence[Any], completions: Sequence[Any] | None, outputs: Sequence[Any] | None
+    ) -> tuple[list[str], list[Any]]:
+        """The prompts as texts and the outputs as a list, as ``__call__`` takes them (TRL's names
+        or ours); refused when their counts differ."""
+        items = list(outputs if outputs is not None else completions if completions is not None else [])
+        prompt_texts = [_text(p) for p in prompts]
+        if len(prompt_texts) != len(items):
+            raise ValueError(f"{len(prompt_texts)} prompts for {len(items)} outputs")
+        return prompt_texts, items
+
     def score(self, prompts: Sequence[str], outputs: Sequence[Any]) -> np.ndarray:
         """Rewards ``(N,)`` of outputs (all texts, all images or all videos) under their prompts."""
+        return np.asarray(self.score_output(prompts, outputs).reward, dtype=np.float64)
+
+    def score_output(self, prompts: Sequence[str], outputs: Sequence[Any]) -> ScoreOutput:
+        """Everything the head says of each output: the reward, and for an ensemble the members'
+        spread (``uncertainty``), for an artifact classifier ``artifact_prob``, for an aspects model
+        the per-aspect rewards."""
         x, mask = self._embed(prompts, outputs)
         prompt = _half(self.encoder.embed_texts(list(prompts), batch_size=self.batch_size))
-        return np.asarray(self.model.score(x, mask, prompt).reward, dtype=np.float64)
+        return self.model.score(x, mask, prompt)
+
+    @property
+    def kind(self) -> str:
+        """The head's kind: bt, aspects, ensemble or artifact."""
+        return str(self.model.kind)
 
     def _embed(self, prompts: Sequence[str], outputs: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         n = len(outputs)

@@ -68,7 +68,7 @@ def test_a_flow_grpo_job_registers_lora_versions_and_its_feedback_renders_pngs(
     assert all(v.metadata["kind"] == "flow" and v.metadata["modality"] == "image" for v in versions)
     sampling = _run_feedback(job)
     new = Sample.objects.filter(id__in=[s for _, _, s in sampling.outputs["new"]])
-    assert new.count() == 4 and all(s.media.name.endswith(".png") for s in new)
+    assert new.count() == 4 and all(str(s.media.name).endswith(".png") for s in new)
     assert sampling.comparisons_created == 4 + 2  # new vs base on each prompt and seed; one pair per group
     assert sampling.identical == 0  # the adapter changed what the base renders
 
@@ -91,7 +91,7 @@ def test_a_video_grpo_job_trains_on_frames_and_its_feedback_renders_mp4s(
     new = Sample.objects.filter(id__in=[s for _, _, s in sampling.outputs["new"]])
     assert new.count() == 2
     for sample in new:
-        assert sample.media.name.endswith(".mp4") and sample.metadata["render"]["frames"] == 9
+        assert str(sample.media.name).endswith(".mp4") and sample.metadata["render"]["frames"] == 9
         with av.open(sample.media.path) as clip:  # a real H.264 file with every rendered frame
             assert clip.streams.video[0].codec_context.name == "h264"
             assert sum(1 for _ in clip.decode(video=0)) == 9

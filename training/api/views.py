@@ -29,7 +29,19 @@ class JobOut(serializers.Serializer):
     algorithm = serializers.ChoiceField(choices=list(ALGORITHMS))
     status = serializers.ChoiceField(choices=RLJob.Status.values)
     config = serializers.DictField(help_text="the resolved config (the model directory: staff only)")
-    reward_model = serializers.IntegerField(help_text="the reward model version number it optimises")
+    reward_model = serializers.IntegerField(
+        allow_null=True,
+        help_text="the reward model version number it optimises (none: offline, from judged pairs)",
+    )
+    snapshot = serializers.IntegerField(
+        allow_null=True, help_text="offline algorithms: the dataset snapshot of the judgments it learns from"
+    )
+    artifact_model = serializers.IntegerField(
+        allow_null=True, help_text="the artifact classifier's version number whose P(artifact) is subtracted"
+    )
+    reward_options = serializers.DictField(
+        help_text="{conservative_k, artifact_weight} (training/ml/reward.py)"
+    )
     step = serializers.IntegerField()
     total_steps = serializers.IntegerField()
     metrics = serializers.ListField(child=serializers.DictField(), help_text="one object per step")
@@ -51,7 +63,10 @@ def job_out(job: RLJob, *, staff: bool = False) -> dict[str, Any]:
         "algorithm": job.algorithm,
         "status": job.status,
         "config": config,
-        "reward_model": job.reward_version.number,
+        "reward_model": job.reward_version.number if job.reward_version else None,
+        "snapshot": job.snapshot_id,
+        "artifact_model": job.artifact_version.number if job.artifact_version else None,
+        "reward_options": job.reward_options,
         "step": job.step,
         "total_steps": job.total_steps,
         "metrics": job.metrics,
@@ -67,7 +82,11 @@ def job_out(job: RLJob, *, staff: bool = False) -> dict[str, Any]:
 
 
 def _job(project: Any, job_id: int) -> RLJob:
-    job = RLJob.objects.filter(project=project, id=job_id).select_related("reward_version").first()
+    job = (
+        RLJob.objects.filter(project=project, id=job_id)
+        .select_related("reward_version", "artifact_version")
+        .first()
+    )
     if job is None:
         raise NotFound(f"no RL job {job_id} in {project.slug}")
     return job
@@ -87,6 +106,13 @@ class RLJobListCreateView(APIView):
             help_text="when set, {prompts, within_pairs, render}: at the end, the last checkpoint's "
             "outputs are queued for judging against the base model (a sampling job)",
         )
+        reward = serializers.DictField(
+            required=False,
+            allow_null=True,
+            help_text="how the reward is made, every key optional: {version: reward model number "
+            "(default: the active one), conservative_k: mean - k * std of an ensemble, artifact_version: "
+            "an artifact classifier's number, artifact_weight: its penalty's weight}",
+        )
 
     @extend_schema(
         operation_id="rl_jobs_list",
@@ -97,7 +123,11 @@ class RLJobListCreateView(APIView):
     )
     def get(self, request: Request, slug: str) -> Response:
         project, _ = selectors.project_for_member(slug=slug, user=request.user)
-        jobs = RLJob.objects.filter(project=project).select_related("reward_version").order_by("-id")[:100]
+        jobs = (
+            RLJob.objects.filter(project=project)
+            .select_related("reward_version", "artifact_version")
+            .order_by("-id")[:100]
+        )
         return Response({"jobs": [job_out(j, staff=request.user.is_staff) for j in jobs]})
 
     @extend_schema(
@@ -118,6 +148,7 @@ class RLJobListCreateView(APIView):
             algorithm=v["algorithm"],
             config=v["config"],
             feedback=v.get("feedback"),
+            reward=v.get("reward"),
         )
         return Response(job_out(job, staff=request.user.is_staff), status=status.HTTP_202_ACCEPTED)
 

@@ -4,17 +4,21 @@ checkpoint registered as a generator version of the project's RL generator."""
 
 from __future__ import annotations
 
+import inspect
+import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from annotate.errors import Conflict, Invalid, NotFound
-from annotate.models import ProjectMember, Prompt
+from annotate.models import Judgment, ProjectMember, Prompt, Sample
 from annotate.selectors import member_role_require
-from annotate.services import generator_version_register
+from annotate.services import generator_version_register, snapshot_build, snapshot_create
 from rewards.models import RewardModelVersion
 from training import tasks
 from training.algorithms import ALGORITHMS
@@ -49,6 +53,7 @@ def rl_job_create(
     algorithm: str,
     config: dict[str, Any],
     feedback: dict[str, Any] | None = None,
+    reward: dict[str, Any] | None = None,
     dispatch: bool = True,
 ) -> RLJob:
     """Validate and queue an RL job. Refused with ``Invalid`` (nothing stored) for an unknown
@@ -59,7 +64,13 @@ def rl_job_create(
 
     ``feedback`` (``{"prompts": 16, "within_pairs": 1, "render": {...}}``): when the job succeeds,
     its last checkpoint renders the project's newest prompts and they are queued for people to
-    judge against the base model on the same prompts and seeds (``training.services.sampling``)."""
+    judge against the base model on the same prompts and seeds (``training.services.sampling``).
+
+    ``reward`` (``{"version": n, "conservative_k": 1.0, "artifact_version": n,
+    "artifact_weight": 1.0}``, every key optional): the reward model (default: the project's active
+    one), the conservative ensemble reward ``mean - k * std`` and an artifact classifier's penalty
+    (``training.ml.reward``). Versions are named by their number in this project (so they are of
+    its modality) and must be of a kind that fits: refused otherwise, with nothing stored."""
     member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
     algo = ALGORITHMS.get(algorithm)
     if algo is None:
@@ -78,19 +89,35 @@ def rl_job_create(
         raise Invalid(f"config.{algo.model_field}: {problem}", code="bad_model")
     if not Prompt.objects.filter(project=project).exists():
         raise Invalid("the project has no prompts to sample from", code="no_prompts")
-    version = RewardModelVersion.objects.filter(project=project, is_active=True).first()
-    if version is None:
-        raise Invalid(
-            "the project has no active reward model: train and activate one first", code="no_reward_model"
-        )
+    if algo.online:
+        version, artifact, options = _reward(project, reward)
+    else:
+        if reward is not None:
+            raise Invalid(
+                f"reward: {algorithm} learns from judged pairs, not from a reward model", code="bad_reward"
+            )
+        if not Judgment.objects.filter(project=project, outcome__in=DECISIVE).exists():
+            raise Invalid(
+                f"{algorithm} learns from judged pairs: this project has no judgment with a winner yet",
+                code="no_pairs",
+            )
+        version, artifact, options = None, None, {}
     if feedback is not None:
         feedback = _feedback(project, feedback)
     with transaction.atomic():
+        snapshot = None
+        if not algo.online:  # the judgments it learns from, frozen now (built by the worker)
+            snapshot = snapshot_create(
+                project=project, actor=actor, spec=_raw_spec(), name=f"rl-{algorithm}", dispatch=False
+            )
         job = RLJob.objects.create(
             project=project,
             algorithm=algorithm,
             config=resolved.to_dict(),
             reward_version=version,
+            artifact_version=artifact,
+            reward_options=options,
+            snapshot=snapshot,
             total_steps=_total(resolved),
             base_version=base_version_for(project=project, path=getattr(resolved, algo.model_field)),
             feedback=feedback,
@@ -99,6 +126,151 @@ def rl_job_create(
         if dispatch:
             transaction.on_commit(lambda: tasks.gpu_rl_job_run.delay(job.id))
     return job
+
+
+DECISIVE = (Judgment.Outcome.A, Judgment.Outcome.B, Judgment.Outcome.RANKING)
+
+
+def _raw_spec() -> Any:
+    from annotate import exports
+
+    return exports.spec_from_params({"schema": "raw", "format": "jsonl", "aggregate": "none", "media": "url"})
+
+
+class ImagePairs(Sequence[tuple[str, Any, Any]]):
+    """(prompt, winner image, loser image) read from the media files when asked for, so a job over a
+    million judged pairs does not hold a million images."""
+
+    def __init__(self, rows: list[tuple[str, str, str]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[str, Any, Any]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[str, Any, Any]]: ...
+    def __getitem__(self, i: int | slice) -> Any:
+        from PIL import Image
+
+        if isinstance(i, slice):
+            return ImagePairs(self.rows[i])
+        prompt, winner, loser = self.rows[i]
+        with Image.open(winner) as w, Image.open(loser) as lo:
+            return prompt, w.convert("RGB"), lo.convert("RGB")
+
+
+def _judged_pairs(job: RLJob) -> Sequence[tuple[str, Any, Any]]:
+    """(prompt, winner, loser) of every decisive judged pair in the job's snapshot (built here the
+    first time; a built snapshot is never rewritten, so a resumed job learns from the same pairs):
+    texts for a text project, images read from their files for an image project."""
+    from rewards.ml.data import A_WINS, B_WINS
+    from rewards.services.pairs import snapshot_pairs
+
+    if job.snapshot_id is None:
+        raise ValueError("an offline job needs its snapshot")
+    snapshot = snapshot_build(snapshot_id=job.snapshot_id)
+    snapshot.refresh_from_db()
+    if snapshot.status != "done":
+        raise ValueError(f"snapshot {snapshot.id} is {snapshot.status}: {snapshot.error}")
+    judged = snapshot_pairs(snapshot=snapshot)
+    ids = judged.sample_ids
+    ordered = [
+        (ids[a], ids[b]) if o == A_WINS else (ids[b], ids[a])
+        for a, b, o in zip(judged.a.tolist(), judged.b.tolist(), judged.outcome.tolist(), strict=True)
+        if o in (A_WINS, B_WINS)
+    ]
+    if not ordered:
+        raise ValueError("the snapshot has no judged pair with a winner")
+    wanted = {i for pair in ordered for i in pair}
+    samples = {s.id: s for s in Sample.objects.filter(id__in=wanted).select_related("prompt")}
+    if job.project.modality == "text":
+        return [(samples[w].prompt.text, samples[w].text, samples[lo].text) for w, lo in ordered]
+    return ImagePairs(
+        [(samples[w].prompt.text, samples[w].media.path, samples[lo].media.path) for w, lo in ordered]
+    )
+
+
+REWARD_KEYS = ("version", "conservative_k", "artifact_version", "artifact_weight")
+MAX_CONSERVATIVE_K = 10.0
+MAX_ARTIFACT_WEIGHT = 100.0
+
+
+def _number(value: Any, *, name: str, low: float, high: float, low_open: bool) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value > high or (value <= low if low_open else value < low):
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        raise Invalid(f"reward.{name} must be a number {bound} and <= {high:g}", code="bad_reward")
+    return float(value)
+
+
+def _version(project: Any, value: Any, *, name: str) -> RewardModelVersion:
+    """A reward model version of this project by its number (as the rewards API names them), so a
+    model of another project, which scores other outputs and maybe another modality, cannot be
+    named."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
+        raise Invalid(f"reward.{name} must be a reward model version number", code="bad_reward")
+    version = RewardModelVersion.objects.filter(project=project, number=value).first()
+    if version is None:
+        raise Invalid(f"reward.{name}: this project has no reward model version {value}", code="bad_reward")
+    return version
+
+
+def _reward(
+    project: Any, reward: Any
+) -> tuple[RewardModelVersion, RewardModelVersion | None, dict[str, float]]:
+    """The reward model, the artifact classifier (or None) and the resolved options of a launch."""
+    reward = {} if reward is None else reward
+    if not isinstance(reward, dict) or set(reward) - set(REWARD_KEYS):
+        raise Invalid(f"reward: an object with {', '.join(REWARD_KEYS)}", code="bad_reward")
+    if reward.get("version") is not None:
+        version = _version(project, reward["version"], name="version")
+        if version.kind == "artifact":
+            raise Invalid(
+                "reward.version: an artifact classifier is a penalty, not the reward: pass it as "
+                "reward.artifact_version",
+                code="bad_reward",
+            )
+    else:
+        active = RewardModelVersion.objects.filter(project=project, is_active=True).first()
+        if active is None:
+            raise Invalid(
+                "the project has no active reward model: train and activate one first", code="no_reward_model"
+            )
+        version = active
+    k = _number(
+        reward.get("conservative_k", 0.0),
+        name="conservative_k",
+        low=0.0,
+        high=MAX_CONSERVATIVE_K,
+        low_open=False,
+    )
+    if k > 0 and version.kind != "ensemble":
+        raise Invalid(
+            f"reward.conservative_k needs an ensemble reward model (mean - k * std); version "
+            f"{version.number} is {version.kind}",
+            code="bad_reward",
+        )
+    options = {"conservative_k": k}
+    artifact = None
+    if reward.get("artifact_version") is not None:
+        artifact = _version(project, reward["artifact_version"], name="artifact_version")
+        if artifact.kind != "artifact":
+            raise Invalid(
+                f"reward.artifact_version: version {artifact.number} is {artifact.kind}, not an artifact classifier",
+                code="bad_reward",
+            )
+        options["artifact_weight"] = _number(
+            reward.get("artifact_weight", 1.0),
+            name="artifact_weight",
+            low=0.0,
+            high=MAX_ARTIFACT_WEIGHT,
+            low_open=True,
+        )
+    elif "artifact_weight" in reward:
+        raise Invalid("reward.artifact_weight needs reward.artifact_version", code="bad_reward")
+    return version, artifact, options
 
 
 def _feedback(project: Any, feedback: Any) -> dict[str, Any]:
@@ -131,10 +303,24 @@ def _output_dir(job: RLJob) -> Path:
     return Path(settings.MEDIA_ROOT) / "rl_jobs" / job.project.slug / f"job-{job.id}"
 
 
+def _whole(path: Path) -> bool:
+    """Ours (the diffusion trainers') are written beside and renamed into place, so they are whole
+    when they exist. transformers' Trainer (under TRL) writes ``checkpoint-<step>`` in place and its
+    ``trainer_state.json`` last: one without a readable state was cut short by a dying worker."""
+    if (path / "rewardloop_config.json").is_file():
+        return True
+    try:
+        return isinstance(json.loads((path / "trainer_state.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def _checkpoint_dirs(out: Path) -> list[Path]:
     """The whole checkpoints in ``out``, oldest first (one being written is a hidden temporary
-    directory until its rename, so it is never listed)."""
-    done = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    directory until its rename, or lacks TRL's final state file, so it is never listed)."""
+    done = [
+        p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit() and _whole(p)
+    ]
     return sorted(done, key=lambda p: int(p.name.split("-")[-1]))
 
 
@@ -173,9 +359,14 @@ def rl_job_run(*, job_id: int) -> RLJob:
     """Run a queued job (or resume a running one whose worker died) to the end. A finished job is
     left as it is. A failure marks the job failed with its reason; a cancel marks it cancelled."""
     from rewards.ml.reward_fn import RewardFunction
+    from training.ml.reward import PolicyReward
 
     with transaction.atomic():
-        job = RLJob.objects.select_for_update().select_related("project", "reward_version").get(id=job_id)
+        job = (
+            RLJob.objects.select_for_update(of=("self",))
+            .select_related("project", "reward_version", "artifact_version")
+            .get(id=job_id)
+        )
         if job.status not in (RLJob.Status.QUEUED, RLJob.Status.RUNNING):
             return job
         job.status = RLJob.Status.RUNNING
@@ -192,13 +383,27 @@ def rl_job_run(*, job_id: int) -> RLJob:
             .order_by("-id")
             .values_list("text", flat=True)[:MAX_PROMPTS]
         )
-        reward = RewardFunction.from_pretrained(job.reward_version.path, device=config.device)
+        reward: Any = None
+        if algo.online:
+            assert job.reward_version is not None  # set at launch for every online job
+            options = job.reward_options or {}
+            artifact = job.artifact_version
+            reward = PolicyReward(
+                RewardFunction.from_pretrained(job.reward_version.path, device=config.device),
+                conservative_k=float(options.get("conservative_k", 0.0)),
+                artifact=RewardFunction.from_pretrained(artifact.path, device=config.device)
+                if artifact
+                else None,
+                artifact_weight=float(options.get("artifact_weight", 1.0)),
+            )
         # Resuming: keep the steps up to the checkpoint; the ones after it are run (and logged) again.
         upto = int(resume.name.split("-")[-1]) if resume else 0
         metrics: list[dict[str, Any]] = [m for m in job.metrics if _step_of(m, 0) <= upto] if resume else []
 
         def progress(m: Any) -> None:
             row = m.to_dict() if hasattr(m, "to_dict") else dict(m)
+            if reward is not None:
+                row.update(reward.drain())  # the reward's parts over the outputs scored in this step
             metrics.append(row)
             step = _step_of(row, len(metrics))
             RLJob.objects.filter(id=job.id).update(step=step, metrics=metrics)
@@ -207,12 +412,14 @@ def rl_job_run(*, job_id: int) -> RLJob:
             return bool(RLJob.objects.filter(id=job.id, cancel_requested=True).exists())
 
         kwargs: dict[str, Any] = {"output_dir": out, "progress": progress, "should_stop": should_stop}
-        diffusion = algo.modality != "text"
-        if diffusion:  # TRL runs start again from the base policy (no resume yet)
+        train = algo.train_fn()
+        if "resume_from" in inspect.signature(train).parameters:
             kwargs["resume_from"] = resume
-        # The diffusion trainers take one reward; TRL's take a list of reward functions.
-        rewards = reward if diffusion else [reward]
-        result = algo.train_fn()(config, prompts, rewards, **kwargs)
+        if algo.online:
+            # The diffusion trainers take one reward; TRL's take a list of reward functions.
+            result = train(config, prompts, [reward] if algo.modality == "text" else reward, **kwargs)
+        else:
+            result = train(config, _judged_pairs(job), **kwargs)
     except Exception as exc:  # the job's own failure, recorded with its reason
         RLJob.objects.filter(id=job.id).update(
             status=RLJob.Status.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=timezone.now()

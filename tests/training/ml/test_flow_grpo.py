@@ -25,7 +25,7 @@ from tests.training.ml.test_ddpo import PROMPTS, brightness
 from training.ml.configs import ConfigError
 from training.ml.diffusion.flow import flow_sde_step, flow_step, load_flow_pipeline, sample_flow_with_logprob
 from training.ml.flow_grpo.config import FlowGRPOConfig, VideoGRPOConfig
-from training.ml.flow_grpo.trainer import train
+from training.ml.flow_grpo.trainer import FlowGRPOMetrics, train
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,7 @@ def test_sd3_two_iterations_on_policy_with_kl_and_a_checkpoint_for_plain_diffuse
     )  # fmt: skip
     result = train(config, PROMPTS, brightness, output_dir=tmp_path)
     first, second = result.metrics
+    assert isinstance(first, FlowGRPOMetrics) and isinstance(second, FlowGRPOMetrics)
     assert first.first_ratio_error == 0.0 and second.first_ratio_error == 0.0
     assert first.kl == 0.0 and second.kl > 0.0
     assert 0.0 < first.reward_mean < 1.0  # win rates

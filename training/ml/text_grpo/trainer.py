@@ -53,6 +53,28 @@ def _checked(fn: Callable[..., Sequence[float]]) -> Callable[..., list[float]]:
     return call
 
 
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a config's ``dtype`` name."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def lora_config(config: Any) -> Any:
+    """peft's ``LoraConfig`` for a text config's ``lora_*`` fields, or None when ``lora_rank`` is 0."""
+    from peft import LoraConfig
+
+    if not config.lora_rank:
+        return None
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        # peft's shorthand for every linear layer but the output head is a string, not a module name.
+        target_modules="all-linear" if config.lora_targets == ["all-linear"] else config.lora_targets,
+        task_type="CAUSAL_LM",
+    )
+
+
 def train(
     config: TextGRPOConfig,
     prompts: Sequence[str],
@@ -61,15 +83,16 @@ def train(
     output_dir: str | Path,
     progress: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    resume_from: str | Path | None = None,
 ) -> TextGRPOResult:
     """GRPO on ``prompts``; the policy (a LoRA adapter, or the whole model) is saved to
     ``output_dir``. ``should_stop`` is asked after every step (a cancelled job stops there and
-    still saves what it has)."""
+    still saves what it has). ``resume_from``: a checkpoint of this run to continue from."""
     from trl import GRPOConfig, GRPOTrainer
 
     return run_online(
         config, prompts, reward_funcs, output_dir=output_dir, progress=progress,
-        trl_config=GRPOConfig, trl_trainer=GRPOTrainer, should_stop=should_stop,
+        trl_config=GRPOConfig, trl_trainer=GRPOTrainer, should_stop=should_stop, resume_from=resume_from,
     )  # fmt: skip
 
 
@@ -83,12 +106,12 @@ def run_online(
     trl_config: Any,
     trl_trainer: Any,
     should_stop: Callable[[], bool] | None = None,
+    resume_from: str | Path | None = None,
 ) -> TextGRPOResult:
     """One of TRL's online trainers that share GRPO's interface (``GRPOTrainer``, ``RLOOTrainer``)
-    with our config, prompts and reward callables."""
+    with our config, prompts and reward callables. ``resume_from``: a checkpoint (``checkpoint-<step>``
+    written by this run, with the optimizer, scheduler and RNG states TRL saves) to continue from."""
     import datasets
-    import torch
-    from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
 
     config.validate()
@@ -123,25 +146,11 @@ def run_online(
         use_cpu=config.device == "cpu",
         bf16=config.dtype == "bfloat16",
         fp16=config.dtype == "float16",
-        model_init_kwargs={
-            "dtype": {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-                config.dtype
-            ]
-        },
+        model_init_kwargs={"dtype": torch_dtype(config.dtype)},
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    peft_config = (
-        LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            # peft's shorthand for every linear layer but the output head is a string, not a module name.
-            target_modules="all-linear" if config.lora_targets == ["all-linear"] else config.lora_targets,
-            task_type="CAUSAL_LM",
-        )
-        if config.lora_rank
-        else None
-    )
+    peft_config = lora_config(config)
 
     class Report(TrainerCallback):
         def on_log(
@@ -169,7 +178,7 @@ def run_online(
         peft_config=peft_config,
         callbacks=[Report()],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     # Written beside and renamed into place: a reader never sees half a policy.
     tmp, final = out / ".final.tmp", out / "final"
     if tmp.exists():

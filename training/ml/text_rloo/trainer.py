@@ -18,11 +18,12 @@ def train(
     output_dir: str | Path,
     progress: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    resume_from: str | Path | None = None,
 ) -> TextGRPOResult:
     """RLOO on ``prompts``; the policy (a LoRA adapter, or the whole model) is saved to ``output_dir``."""
     from trl import RLOOConfig, RLOOTrainer
 
     return run_online(
         config, prompts, reward_funcs, output_dir=output_dir, progress=progress,
-        trl_config=RLOOConfig, trl_trainer=RLOOTrainer, should_stop=should_stop,
+        trl_config=RLOOConfig, trl_trainer=RLOOTrainer, should_stop=should_stop, resume_from=resume_from,
     )  # fmt: skip
