@@ -19,6 +19,7 @@ class Algorithm:
     model_field: str  # the config field naming the model directory
     online: bool  # samples and scores (True) or learns from judged pairs (False)
     model_kinds: tuple[str, ...]  # what training.ml.model_dirs must find in the model directory
+    memory: tuple[str, ...] = ()  # config fields that set peak memory, named when a run runs out
 
     def config_class(self) -> Any:
         module, _, cls = self.config.partition(":")
@@ -40,6 +41,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "pipeline",
             True,
             ("unet",),
+            ("train_batch_size", "prompts_per_iteration", "images_per_prompt", "resolution", "sample_steps"),
         ),
         Algorithm(
             "diffusion_grpo",
@@ -50,6 +52,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "pipeline",
             True,
             ("unet",),
+            ("train_batch_size", "prompts_per_iteration", "group_size", "resolution", "sample_steps"),
         ),
         Algorithm(
             "flow_grpo",
@@ -60,6 +63,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "pipeline",
             True,
             ("flow",),
+            ("train_batch_size", "prompts_per_iteration", "group_size", "resolution", "sample_steps"),
         ),
         Algorithm(
             "video_grpo",
@@ -70,6 +74,14 @@ ALGORITHMS: dict[str, Algorithm] = {
             "pipeline",
             True,
             ("video",),
+            (
+                "train_batch_size",
+                "prompts_per_iteration",
+                "group_size",
+                "frames",
+                "resolution",
+                "sample_steps",
+            ),
         ),
         Algorithm(
             "diffusion_dpo",
@@ -80,6 +92,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "pipeline",
             False,
             ("unet",),
+            ("batch_size", "resolution"),
         ),
         Algorithm(
             "text_grpo",
@@ -90,6 +103,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "policy",
             True,
             ("causal_lm",),
+            ("prompts_per_step", "num_generations", "max_completion_length"),
         ),
         Algorithm(
             "text_rloo",
@@ -100,6 +114,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "policy",
             True,
             ("causal_lm",),
+            ("prompts_per_step", "num_generations", "max_completion_length"),
         ),
         Algorithm(
             "text_dpo",
@@ -110,6 +125,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "policy",
             False,
             ("causal_lm",),
+            ("batch_size", "max_length"),
         ),
     )
 }

@@ -303,6 +303,32 @@ def _output_dir(job: RLJob) -> Path:
     return Path(settings.MEDIA_ROOT) / "rl_jobs" / job.project.slug / f"job-{job.id}"
 
 
+def _out_of_memory(exc: BaseException) -> str | None:
+    """ "GPU" or "CPU" when ``exc`` says the device ran out of memory, None otherwise."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "OutOfMemoryError" or "CUDA out of memory" in text:
+        return "GPU"
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text:
+        return "CPU"
+    return None
+
+
+def failure_reason(exc: BaseException, algo: Any, config: dict[str, Any]) -> str:
+    """What a failed job's row says. Running out of memory names the settings to lower, with their
+    values, instead of only the allocator's message."""
+    device = _out_of_memory(exc)
+    reason = f"{type(exc).__name__}: {exc}"
+    if device is None:
+        return reason
+    settings_now = ", ".join(f"{k}={config[k]}" for k in algo.memory if k in config)
+    dtype = " or use dtype bfloat16" if config.get("dtype") == "float32" and device == "GPU" else ""
+    return (
+        f"out of {device} memory: lower {settings_now}{dtype} (the settings that set {algo.name}'s peak "
+        f"memory), or run on a larger device. {reason[:500]}"
+    )
+
+
 def _whole(path: Path) -> bool:
     """Ours (the diffusion trainers') are written beside and renamed into place, so they are whole
     when they exist. transformers' Trainer (under TRL) writes ``checkpoint-<step>`` in place and its
@@ -421,8 +447,14 @@ def rl_job_run(*, job_id: int) -> RLJob:
         else:
             result = train(config, _judged_pairs(job), **kwargs)
     except Exception as exc:  # the job's own failure, recorded with its reason
+        if _out_of_memory(exc) == "GPU":  # give the worker's GPU back for the next job
+            import torch
+
+            torch.cuda.empty_cache()
         RLJob.objects.filter(id=job.id).update(
-            status=RLJob.Status.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=timezone.now()
+            status=RLJob.Status.FAILED,
+            error=failure_reason(exc, algo, job.config),
+            finished_at=timezone.now(),
         )
         job.refresh_from_db()
         return job
