@@ -1,9 +1,10 @@
 """RL throughput (not a test): images per second of sampling with log-probabilities against the
-pipeline's own inference, and of one DDPO iteration (sampling + training), on a randomly
-initialised Stable Diffusion-like pipeline built from a config (nothing downloaded).
+pipeline's own inference, and of one DDPO and one GRPO iteration (sampling + training), on a
+randomly initialised Stable Diffusion-like pipeline built from a config (nothing downloaded).
 
     .venv/bin/python bench/rl_throughput.py                      # the small model, CPU
     .venv/bin/python bench/rl_throughput.py --model small --device cuda
+    .venv/bin/python bench/rl_throughput.py --model sd15 --device cuda --dtype bfloat16 --batch 8 --steps 50
 
 Our sampler does what ``pipeline(...)`` does plus the log-probability of each step; the target
 is >= 95% of the pipeline's throughput on the same batch, steps, guidance and resolution. Each
@@ -20,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,8 @@ MODELS = {
     # name: (latent sample size, UNet block widths); images are 2x the latent size (a 2-block VAE)
     "tiny": (16, (8, 16)),
     "small": (32, (64, 128)),
+    # Stable Diffusion 1.5's architecture and sizes (random weights): 512x512 images, for the GPU.
+    "sd15": (64, ()),
 }
 
 
@@ -43,24 +47,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
 
     import annotation_load
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from simulate.tiny_models import tiny_sd_pipeline
+    from simulate.tiny_models import sd15_sized_pipeline, tiny_sd_pipeline
     from training.ml.ddpo.config import DDPOConfig
     from training.ml.ddpo.trainer import train
     from training.ml.diffusion.sampling import sample_with_logprob
+    from training.ml.diffusion_grpo.config import DiffusionGRPOConfig
+    from training.ml.diffusion_grpo.trainer import train as train_grpo
 
     print(
         f"machine: {annotation_load.machine_info()} torch threads {torch.get_num_threads()} device {args.device}"
     )
     latent, channels = MODELS[args.model]
     work = Path(tempfile.mkdtemp(prefix="rl-bench-"))
-    path = tiny_sd_pipeline(work / "pipe", sample_size=latent, channels=channels)
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True).to(args.device)
+    if args.model == "sd15":
+        path = sd15_sized_pipeline(work / "pipe")
+    else:
+        path = tiny_sd_pipeline(work / "pipe", sample_size=latent, channels=(channels[0], channels[1]))
+    dtype = getattr(torch, args.dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+    pipe = pipe.to(args.device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     side = latent * pipe.vae_scale_factor
@@ -90,16 +102,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sample_with_logprob      : {args.batch / o:8.2f} images/s (median of {args.repeats}: {o:.3f} s)")
     print(f"ours / pipeline          : {p / o:8.3f} (target >= 0.95)")
 
-    config = DDPOConfig.from_dict({
-        "pipeline": str(path), "iterations": 2, "prompts_per_iteration": max(1, args.batch // 4), "images_per_prompt": 4,
-        "sample_steps": args.steps, "guidance_scale": args.guidance, "train_batch_size": min(args.batch, 4),
-        "device": args.device,
-    })  # fmt: skip
-    result = train(config, prompts, lambda p, i: [0.0] * len(i), output_dir=work / "ddpo")
-    last = result.metrics[-1]
+    # A reward that varies, so every group has spread and every image is trained on.
+    def reward(p: list[str], images: list[Any]) -> list[float]:
+        return [float(i) for i in range(len(images))]
+
+    common = {"pipeline": str(path), "iterations": 2, "prompts_per_iteration": max(1, args.batch // 4),
+              "sample_steps": args.steps, "guidance_scale": args.guidance, "train_batch_size": min(args.batch, 4),
+              "device": args.device, "dtype": args.dtype}  # fmt: skip
+    config = DDPOConfig.from_dict({**common, "images_per_prompt": 4})
+    last = train(config, prompts, reward, output_dir=work / "ddpo").metrics[-1]
     print(f"DDPO iteration           : {last.images_per_second:8.2f} images/s "
           f"(sampling {last.sample_seconds:.2f} s + training {last.train_seconds:.2f} s for {config.batch_size} images; "
           f"second iteration)")  # fmt: skip
+    grpo = DiffusionGRPOConfig.from_dict({**common, "group_size": 4, "beta": 0.01})
+    g = train_grpo(grpo, prompts, reward, output_dir=work / "grpo").metrics[-1]
+    print(f"GRPO iteration           : {g.images_per_second:8.2f} images/s "
+          f"(sampling {g.sample_seconds:.2f} s + training {g.train_seconds:.2f} s for {grpo.batch_size} images, "
+          f"KL to the reference included; second iteration)")  # fmt: skip
     if args.device.startswith("cuda"):
         print(f"peak GPU memory          : {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

@@ -91,6 +91,62 @@ def tiny_sd_pipeline(
     return out
 
 
+def sd15_sized_pipeline(directory: str | Path, *, seed: int = 0) -> Path:
+    """A pipeline with Stable Diffusion 1.5's architecture and sizes (an 860M-parameter UNet at
+    64x64 latents, the 4-block VAE, a CLIP ViT-L-sized text tower) and random weights, saved to
+    ``directory``: what the GPU benchmark times at 512x512 with nothing downloaded. The text tower
+    uses the MiniLM tokenizer (the only one shipped offline)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_path()))
+    tokenizer.model_max_length = 77
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = Path(directory)
+    pipe.save_pretrained(str(out))
+    return out
+
+
 def _clip_pair(tokenizer: Any, *, hidden: int) -> tuple[Any, Any]:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
