@@ -17,7 +17,7 @@ import pytest
 
 from annotate.errors import Invalid
 from annotate.models import Comparison, GeneratorVersion, Sample
-from simulate.tiny_models import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_wan_pipeline
+from simulate.tiny_models import tiny_causal_lm, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_wan_pipeline
 from training import services
 from training.models import RLJob, SamplingJob
 
@@ -31,6 +31,7 @@ def pipes(tmp_path_factory: Any) -> dict[str, Path]:
         "sd": tiny_sd_pipeline(root / "sd", seed=0),
         "sd3": tiny_sd3_pipeline(root / "sd3", seed=0),
         "wan": tiny_wan_pipeline(root / "wan", seed=0),
+        "gpt2": tiny_causal_lm(root / "gpt2"),
     }
 
 
@@ -106,6 +107,8 @@ def test_a_video_grpo_job_trains_on_frames_and_its_feedback_renders_mp4s(
         ("diffusion_grpo", "sd3", "diffusion_grpo needs a UNet"),
         ("flow_grpo", "sd", "flow_grpo needs a flow-matching"),
         ("flow_grpo", "wan", "flow_grpo needs a flow-matching"),
+        ("diffusion_grpo", "gpt2", "diffusion_grpo needs a UNet"),  # a text model through the diffusion path
+        ("ddpo", "gpt2", "ddpo needs a UNet text-to-image pipeline"),
     ],
 )
 def test_an_algorithm_that_does_not_fit_the_pipeline_is_refused(
