@@ -132,7 +132,7 @@ def test_offline_refusals_store_nothing(
     unjudged = image_project(
         make_project, manager, slug="unjudged", prompts=1, per_prompt=3, pairs_per_prompt=2
     )
-    with pytest.raises(Invalid, match="no judgment with a winner yet") as exc:
+    with pytest.raises(Invalid, match="no judgment with a winner between image samples yet") as exc:
         services.rl_job_create(
             project=unjudged, actor=manager, algorithm="diffusion_dpo",
             config={"pipeline": str(_pipeline_dir())}, dispatch=False,
@@ -144,3 +144,43 @@ def test_offline_refusals_store_nothing(
             config={"pipeline": str(_pipeline_dir())}, dispatch=False,
         )  # fmt: skip
     assert RLJob.objects.count() == 0 and DatasetSnapshot.objects.count() == snapshots
+
+
+def test_a_mixed_project_learns_only_from_pairs_of_the_algorithms_modality(
+    make_project: Any, manager: Any, annotator: Any
+) -> None:
+    import io
+
+    from annotate import services as annotate_services
+    from annotate.models import Judgment
+    from tests.rewards.helpers import noise_png, simulate
+    from training.services import jobs
+
+    p = make_project("mixed", annotators=(annotator,))
+    annotate_services.sample_create_texts(
+        project=p, actor=manager,
+        items=[{"prompt": "say it", "text": "word " * (1 + i), "generator": "g"} for i in range(4)],
+    )  # fmt: skip
+    for i in range(4):
+        annotate_services.sample_create_media(
+            project=p, actor=manager, file=io.BytesIO(noise_png(40 + 50 * i, i)), filename=f"{i}.png",
+            prompt="draw it", metadata={"brightness": 40 + 50 * i},
+        )  # fmt: skip
+    annotate_services.comparisons_create_random_pairs(project=p, actor=manager, pairs_per_prompt=4, seed=0)
+
+    def rule(a: Any, b: Any) -> int:
+        if a.modality == "text":
+            return int(a.id if len(a.text) >= len(b.text) else b.id)
+        return int(a.id if a.metadata["brightness"] >= b.metadata["brightness"] else b.id)
+
+    simulate(p, annotator, rule, noise=0.0)
+    text_judged = Judgment.objects.filter(project=p, comparison__prompt__text="say it").count()
+    assert text_judged == 4 and Judgment.objects.filter(project=p).count() == 8
+    job = services.rl_job_create(
+        project=p, actor=manager, algorithm="text_dpo", config=_text_dpo(), dispatch=False
+    )
+    job = services.rl_job_run(job_id=job.id)
+    assert job.status == "succeeded", job.error
+    pairs = jobs._judged_pairs(job, "text")
+    assert len(pairs) == text_judged and all(p == "say it" for p, _, _ in pairs)
+    assert all(len(chosen) > len(rejected) > 0 for _, chosen, rejected in pairs)  # longer won, as judged

@@ -96,9 +96,13 @@ def rl_job_create(
             raise Invalid(
                 f"reward: {algorithm} learns from judged pairs, not from a reward model", code="bad_reward"
             )
-        if not Judgment.objects.filter(project=project, outcome__in=DECISIVE).exists():
+        decisive = Judgment.objects.filter(
+            project=project, outcome__in=DECISIVE, comparison__samples__modality=algo.modality
+        )
+        if not decisive.exists():
             raise Invalid(
-                f"{algorithm} learns from judged pairs: this project has no judgment with a winner yet",
+                f"{algorithm} learns from judged pairs: this project has no judgment with a winner "
+                f"between {algo.modality} samples yet",
                 code="no_pairs",
             )
         version, artifact, options = None, None, {}
@@ -161,10 +165,10 @@ class ImagePairs(Sequence[tuple[str, Any, Any]]):
             return prompt, w.convert("RGB"), lo.convert("RGB")
 
 
-def _judged_pairs(job: RLJob) -> Sequence[tuple[str, Any, Any]]:
-    """(prompt, winner, loser) of every decisive judged pair in the job's snapshot (built here the
-    first time; a built snapshot is never rewritten, so a resumed job learns from the same pairs):
-    texts for a text project, images read from their files for an image project."""
+def _judged_pairs(job: RLJob, modality: str) -> Sequence[tuple[str, Any, Any]]:
+    """(prompt, winner, loser) of every decisive judged pair of ``modality`` samples in the job's
+    snapshot (built here the first time; a built snapshot is never rewritten, so a resumed job
+    learns from the same pairs): texts, or images read from their files."""
     from rewards.ml.data import A_WINS, B_WINS
     from rewards.services.pairs import snapshot_pairs
 
@@ -181,11 +185,15 @@ def _judged_pairs(job: RLJob) -> Sequence[tuple[str, Any, Any]]:
         for a, b, o in zip(judged.a.tolist(), judged.b.tolist(), judged.outcome.tolist(), strict=True)
         if o in (A_WINS, B_WINS)
     ]
-    if not ordered:
-        raise ValueError("the snapshot has no judged pair with a winner")
     wanted = {i for pair in ordered for i in pair}
-    samples = {s.id: s for s in Sample.objects.filter(id__in=wanted).select_related("prompt")}
-    if job.project.modality == "text":
+    samples = {
+        s.id: s for s in Sample.objects.filter(id__in=wanted, modality=modality).select_related("prompt")
+    }
+    # A mixed project's pairs of other modalities (and samples deleted since) are left out.
+    ordered = [(w, lo) for w, lo in ordered if w in samples and lo in samples]
+    if not ordered:
+        raise ValueError(f"the snapshot has no judged pair with a winner between {modality} samples")
+    if modality == "text":
         return [(samples[w].prompt.text, samples[w].text, samples[lo].text) for w, lo in ordered]
     return ImagePairs(
         [(samples[w].prompt.text, samples[w].media.path, samples[lo].media.path) for w, lo in ordered]
@@ -445,7 +453,7 @@ def rl_job_run(*, job_id: int) -> RLJob:
             # The diffusion trainers take one reward; TRL's take a list of reward functions.
             result = train(config, prompts, [reward] if algo.modality == "text" else reward, **kwargs)
         else:
-            result = train(config, _judged_pairs(job), **kwargs)
+            result = train(config, _judged_pairs(job, algo.modality), **kwargs)
     except Exception as exc:  # the job's own failure, recorded with its reason
         if _out_of_memory(exc) == "GPU":  # give the worker's GPU back for the next job
             import torch
