@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         path = tiny_sd_pipeline(work / "pipe", sample_size=latent, channels=(channels[0], channels[1]))
     dtype = getattr(torch, args.dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     pipe = pipe.to(args.device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -4,7 +4,6 @@ the sampling job its feedback queued), cancel it; sampling jobs and their rounds
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 from django import forms
@@ -17,23 +16,9 @@ from django.utils.safestring import mark_safe
 
 from annotate.errors import ServiceError
 from annotate.models import Project
-from rewards import plots
-from training import services
+from training import plots, services
 from training.algorithms import ALGORITHM_CHOICES
 from training.models import RLJob, SamplingJob
-
-X_KEYS = ("iteration", "step", "epoch")
-# Plotted first when a trainer logs them (then every other number it logs).
-FIRST = (
-    "reward_mean",
-    "reward",
-    "reward_std",
-    "kl",
-    "approx_kl",
-    "clip_fraction",
-    "zero_spread_groups",
-    "loss",
-)
 
 
 def _json_object(value: str, *, required: bool) -> dict[str, Any] | None:
@@ -88,24 +73,9 @@ class LaunchForm(forms.Form):
 
 def metric_charts(metrics: list[dict[str, Any]]) -> str:
     """One small SVG chart per number the trainer logged, over its iterations or steps."""
-    if not metrics:
+    charts = plots.metric_charts(metrics)
+    if not charts:
         return "no steps yet"
-    x_key = next((k for k in X_KEYS if k in metrics[0]), None)
-    keys: list[str] = []
-    for row in metrics:
-        for k, v in row.items():
-            if k not in X_KEYS and k not in keys and isinstance(v, int | float) and not isinstance(v, bool):
-                keys.append(k)
-    keys.sort(key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k))
-    charts = []
-    for key in keys:
-        pts = []
-        for i, row in enumerate(metrics):
-            v = row.get(key)
-            x = row.get(x_key, i + 1) if x_key else i + 1
-            if isinstance(v, int | float) and isinstance(x, int | float) and math.isfinite(float(v)):
-                pts.append((float(x), float(v)))
-        charts.append(plots.line_chart({key: pts}, title=key, xlabel=x_key or "step", width=360, height=170))
     return "".join(f'<div style="display:inline-block;margin:0 8px 8px 0">{c}</div>' for c in charts)
 
 

@@ -221,3 +221,28 @@ def test_a_text_grpo_job_runs_on_the_text_reward_model_and_a_cancel_stops_it(
     RLJob.objects.filter(id=other.id).update(status="running", cancel_requested=True)
     stopped = services.rl_job_run(job_id=other.id)
     assert stopped.status == "cancelled" and stopped.step == 1, stopped.error
+
+
+def test_the_metrics_plot_over_rest(project: Any, manager: Any, annotator: Any) -> None:
+    import xml.etree.ElementTree as ET
+
+    from tests.factories import client_for
+
+    job = services.rl_job_create(
+        project=project, actor=manager, algorithm="ddpo", config=_config(), dispatch=False
+    )
+    url = f"/api/projects/{project.slug}/rl-jobs/{job.id}/metrics.svg"
+    empty = client_for(annotator).get(url)  # any member may look
+    assert empty.status_code == 200 and "no steps yet" in empty.content.decode()
+    job = services.rl_job_run(job_id=job.id)
+    r = client_for(annotator).get(url)
+    assert r.status_code == 200 and r["Content-Type"] == "image/svg+xml"
+    doc = ET.fromstring(r.content)  # noqa: S314  (our own response) a well-formed standalone SVG document
+    assert doc.tag == "{http://www.w3.org/2000/svg}svg"
+    charts = doc.findall("{http://www.w3.org/2000/svg}g/{http://www.w3.org/2000/svg}svg")
+    logged = {
+        k for row in job.metrics for k, v in row.items() if k != "iteration" and isinstance(v, int | float)
+    }
+    assert len(charts) == len(logged) and len(job.metrics) == 2
+    titles = [t.text for t in doc.iter("{http://www.w3.org/2000/svg}text")]
+    assert titles[0] == f"RL job {job.id} (ddpo, succeeded): step 2 of 2" and titles[1] == "reward_mean"

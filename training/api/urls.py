@@ -7,6 +7,11 @@ urlpatterns = [
     path("projects/<project:slug>/rl-jobs/", views.RLJobListCreateView.as_view(), name="api-rl-jobs"),
     path("projects/<project:slug>/rl-jobs/<int:job_id>/", views.RLJobDetailView.as_view(), name="api-rl-job"),
     path(
+        "projects/<project:slug>/rl-jobs/<int:job_id>/metrics.svg",
+        views.RLJobMetricsPlotView.as_view(),
+        name="api-rl-job-metrics-plot",
+    ),
+    path(
         "projects/<project:slug>/rl-jobs/<int:job_id>/cancel/",
         views.RLJobCancelView.as_view(),
         name="api-rl-job-cancel",

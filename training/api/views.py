@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import extend_schema, extend_schema_serializer, inline_serializer
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_serializer, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -16,7 +17,7 @@ from rest_framework.views import APIView
 from annotate import selectors
 from annotate.api.views import AUTHED_ERRORS, BODY_ERRORS, errors
 from annotate.errors import NotFound
-from training import services
+from training import plots, services
 from training.algorithms import ALGORITHMS
 from training.models import RLJob, SamplingJob
 
@@ -158,6 +159,26 @@ class RLJobDetailView(APIView):
     def get(self, request: Request, slug: str, job_id: int) -> Response:
         project, _ = selectors.project_for_member(slug=slug, user=request.user)
         return Response(job_out(_job(project, job_id), staff=request.user.is_staff))
+
+
+class RLJobMetricsPlotView(APIView):
+    """The job's per-step metrics as one SVG (a chart per logged number, reward first), for a
+    dashboard or a notebook to embed; the numbers themselves are in the job's ``metrics``."""
+
+    @extend_schema(
+        operation_id="rl_job_metrics_plot",
+        responses={
+            (200, "image/svg+xml"): OpenApiResponse(OpenApiTypes.BINARY, description="the charts, one SVG"),
+            **errors(*AUTHED_ERRORS),
+        },
+    )
+    def get(self, request: Request, slug: str, job_id: int) -> Any:
+        from django.http import HttpResponse
+
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        job = _job(project, job_id)
+        title = f"RL job {job.id} ({job.algorithm}, {job.status}): step {job.step} of {job.total_steps}"
+        return HttpResponse(plots.metrics_svg(job.metrics, title=title), content_type="image/svg+xml")
 
 
 class RLJobCancelView(APIView):

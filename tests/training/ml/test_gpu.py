@@ -41,7 +41,7 @@ PROMPTS = ["a red square", "a blue circle"]
 
 
 def _renders_with_the_adapter(checkpoint: Path, base: str, dtype: str) -> None:
-    pipe = DiffusionPipeline.from_pretrained(base, local_files_only=True, torch_dtype=getattr(torch, dtype))
+    pipe = DiffusionPipeline.from_pretrained(base, local_files_only=True, dtype=getattr(torch, dtype))
     pipe.load_lora_weights(str(checkpoint))
     pipe.to("cuda")
     out = pipe(PROMPTS[0], num_inference_steps=2, guidance_scale=1.0, output_type="np").images
