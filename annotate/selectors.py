@@ -209,3 +209,93 @@ def comparisons_open_pairs(*, project_id: int, created_after: Any = None) -> lis
             [project_id, created_after, created_after],
         )
         return [(int(r[0]), int(r[1]), int(r[2])) for r in cur.fetchall()]
+
+
+def leaderboard_games(
+    *, project: Project, aspect: str | None = None, comparisons: Sequence[int] | None = None
+) -> tuple[list[int], Any]:
+    """The judged games between generator versions in ``project`` (``annotate.leaderboard.Games``)
+    and the version ids they index: pairs whose two outputs come from two different known versions.
+    ``aspect``: that aspect's verdicts instead of the overall ones. ``comparisons``: only these."""
+    import numpy as np
+
+    from annotate.leaderboard import Games
+    from annotate.models import ComparisonSample
+
+    entries = ComparisonSample.objects.filter(comparison__project=project)
+    judged = Judgment.objects.filter(project=project)
+    if comparisons is not None:
+        entries = entries.filter(comparison_id__in=list(comparisons))
+        judged = judged.filter(comparison_id__in=list(comparisons))
+    order: dict[int, list[int]] = {}
+    version_of: dict[int, int | None] = {}
+    for cid, sid, vid in entries.order_by("comparison_id", "position").values_list(
+        "comparison_id", "sample_id", "sample__generator_version_id"
+    ):
+        order.setdefault(cid, []).append(sid)
+        version_of[sid] = vid
+    index: dict[int, int] = {}
+    gi: list[int] = []
+    gj: list[int] = []
+    gs: list[float] = []
+
+    def game(a: int, b: int, score: float) -> None:
+        va, vb = version_of.get(a), version_of.get(b)
+        if va is None or vb is None or va == vb:
+            return  # an output of no known version, or a version against itself: no information
+        gi.append(index.setdefault(va, len(index)))
+        gj.append(index.setdefault(vb, len(index)))
+        gs.append(score)
+
+    scores = {"a": 1.0, "b": 0.0, "tie": 0.5}
+    for cid, outcome, ranking, aspects in judged.values_list(
+        "comparison_id", "outcome", "ranking", "aspects"
+    ):
+        samples = order.get(cid, [])
+        verdict = (aspects or {}).get(aspect) if aspect else outcome
+        if verdict == "ranking" and not aspect and ranking:
+            ranked = [int(s) for s in ranking]
+            for x in range(len(ranked)):
+                for y in range(x + 1, len(ranked)):
+                    game(ranked[x], ranked[y], 1.0)
+        elif verdict in scores and len(samples) == 2:
+            game(samples[0], samples[1], scores[verdict])
+    versions = sorted(index, key=index.__getitem__)
+    games = Games(len(versions), np.array(gi, dtype=np.int64), np.array(gj, dtype=np.int64), np.array(gs))
+    return versions, games
+
+
+def leaderboard(
+    *, project: Project, aspect: str | None = None, rounds: int = 200, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Generator versions of ``project`` ranked by Bradley-Terry rating from human judgments (ties
+    as half wins), best first, each with its 95% bootstrap interval, games, wins and ties."""
+    import numpy as np
+
+    from annotate.leaderboard import bootstrap_intervals, bt_fit, elo
+    from annotate.models import GeneratorVersion
+
+    versions, games = leaderboard_games(project=project, aspect=aspect)
+    if not versions:
+        return []
+    theta = bt_fit(games)
+    low, high = bootstrap_intervals(games, rounds=rounds, seed=seed)
+    played = np.bincount(games.i, minlength=games.n) + np.bincount(games.j, minlength=games.n)
+    wins = np.bincount(games.i, games.s == 1.0, games.n) + np.bincount(games.j, games.s == 0.0, games.n)
+    ties = np.bincount(games.i, games.s == 0.5, games.n) + np.bincount(games.j, games.s == 0.5, games.n)
+    rows = {v.id: v for v in GeneratorVersion.objects.filter(id__in=versions).select_related("generator")}
+    out = [
+        {
+            "version": vid,
+            "generator": rows[vid].generator.name,
+            "name": rows[vid].name,
+            "rating": round(float(elo(theta)[k]), 1),
+            "ci_low": round(float(elo(low)[k]), 1),
+            "ci_high": round(float(elo(high)[k]), 1),
+            "games": int(played[k]),
+            "wins": int(wins[k]),
+            "ties": int(ties[k]),
+        }
+        for k, vid in enumerate(versions)
+    ]
+    return sorted(out, key=lambda r: (-r["rating"], r["version"]))

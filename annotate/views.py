@@ -74,6 +74,29 @@ def label(request: HttpRequest, slug: str) -> HttpResponse:
     return render(request, "label.html", {"project": project, "config": config})
 
 
+@login_required
+@with_csp
+def leaderboard(request: HttpRequest, slug: str) -> HttpResponse:
+    """The project's generator versions ranked by rating, with an interval plot (any member)."""
+    from annotate.plots import interval_chart
+
+    try:
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+    except ServiceError as exc:
+        raise Http404(exc.message) from exc
+    aspect = request.GET.get("aspect") or None
+    if aspect is not None and aspect not in {a["key"] for a in project.aspects}:
+        raise Http404("unknown aspect")
+    rows = selectors.leaderboard(project=project, aspect=aspect)
+    label = {r["version"]: f"{r['generator']} {r['name']}" for r in rows}
+    chart = interval_chart(
+        [{**r, "label": label[r["version"]]} for r in rows],
+        title=f"rating ({aspect or 'overall'}), 95% interval",
+    )
+    context = {"project": project, "rows": rows, "chart": chart, "aspect": aspect, "aspects": project.aspects}
+    return render(request, "leaderboard.html", context)
+
+
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 

@@ -47,6 +47,7 @@ urlpatterns = [
     # Browsers ask for /favicon.ico on pages that do not link one (admin, API docs).
     path("favicon.ico", RedirectView.as_view(url="/static/favicon.svg", permanent=True)),
     path("label/<slug:slug>/", annotate_views.label, name="label"),
+    path("projects/<slug:slug>/leaderboard/", annotate_views.leaderboard, name="leaderboard"),
     path("media/samples/<int:sample_id>", annotate_views.sample_media, name="sample-media"),
     path("accounts/login/", ratelimit.RateLimitedLoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

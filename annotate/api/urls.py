@@ -26,6 +26,7 @@ urlpatterns = [
     path("projects/<project:slug>/skip/", views.SkipView.as_view(), name="api-skip"),
     path("projects/<project:slug>/undo/", views.UndoView.as_view(), name="api-undo"),
     path("projects/<project:slug>/progress/", views.ProgressView.as_view(), name="api-progress"),
+    path("projects/<project:slug>/leaderboard/", views.LeaderboardView.as_view(), name="api-leaderboard"),
     path(
         "projects/<project:slug>/imports/samples/",
         views.SamplesImportView.as_view(),

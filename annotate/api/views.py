@@ -863,6 +863,42 @@ class ProgressView(APIView):
         return Response(selectors.annotator_progress(project=project, annotator=request.user))
 
 
+@extend_schema_serializer(component_name="LeaderboardRow")
+class LeaderboardRowOut(serializers.Serializer):
+    version = serializers.IntegerField(help_text="the generator version's id")
+    generator = serializers.CharField()
+    name = serializers.CharField(help_text="the version's name")
+    rating = serializers.FloatField(help_text="Bradley-Terry rating on the Elo scale (1000: the average)")
+    ci_low = serializers.FloatField(help_text="95% bootstrap interval, lower end")
+    ci_high = serializers.FloatField(help_text="95% bootstrap interval, upper end")
+    games = serializers.IntegerField(help_text="judged pairs against another version")
+    wins = serializers.IntegerField()
+    ties = serializers.IntegerField()
+
+
+class LeaderboardView(APIView):
+    @extend_schema(
+        operation_id="leaderboard",
+        description="Generator versions ranked by Bradley-Terry maximum-likelihood ratings from this "
+        "project's judgments (ties as half wins, both-bad left out, rankings as all their pairs), best "
+        "first, with 95% bootstrap intervals; `aspect` ranks by that aspect's verdicts.",
+        parameters=[OpenApiParameter("aspect", str, description="an aspect key of the project")],
+        responses={
+            200: inline_serializer(
+                "Leaderboard",
+                {"aspect": serializers.CharField(allow_null=True), "versions": LeaderboardRowOut(many=True)},
+            ),
+            **errors(*AUTHED_ERRORS),
+        },
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        aspect = request.query_params.get("aspect") or None
+        if aspect is not None and aspect not in {a["key"] for a in project.aspects}:
+            raise Invalid(f"unknown aspect {aspect[:100]!r}", details={"field": "aspect"})
+        return Response({"aspect": aspect, "versions": selectors.leaderboard(project=project, aspect=aspect)})
+
+
 # --- Datasets: export and snapshots --------------------------------------------------------------
 class ExportView(APIView):
     """Stream a preference dataset. Rows leave as the database cursor yields them."""
