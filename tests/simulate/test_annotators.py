@@ -104,7 +104,7 @@ def test_texts_ties_and_rankings(make_project: Any, manager: Any) -> None:
     (w,) = _workers(r, manager, [sim.Profile(sim.Length())])
     assert w.run().labels == 1
     (j,) = Judgment.objects.filter(project=r)
-    assert [len(Sample.objects.get(id=s).text) for s in j.ranking] == [9, 5, 2]
+    assert [len(Sample.objects.get(id=s).text) for s in (j.ranking or [])] == [9, 5, 2]
 
 
 @pytest.mark.django_db(transaction=True)
