@@ -182,6 +182,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "rewards.tasks.retrain_due",
         "schedule": env_float("RL_RETRAIN_CHECK_SECONDS", 15.0, minimum=1.0),
     },
+    # The closed loop's controller (training.services.loop): one step per project per tick.
+    "loop-tick": {
+        "task": "training.tasks.loop_tick",
+        "schedule": env_float("RL_LOOP_TICK_SECONDS", 10.0, minimum=1.0),
+    },
 }
 CELERY_TIMEZONE = "UTC"
 # Fewer judged pairs than this and a reward-model job is refused at launch.

@@ -160,3 +160,109 @@ class SamplingJob(models.Model):
 
     def __str__(self) -> str:
         return f"sampling job {self.id} (round {self.round}, {self.status})"
+
+
+class LoopConfig(models.Model):
+    """A project's closed loop, switched on and off by a manager: retrain the reward model when
+    enough new judgments arrived, run an RL round on it, render the new version's outputs and queue
+    them against the incumbent, wait for human verdicts, evaluate (and guard), repeat."""
+
+    project = models.OneToOneField(Project, on_delete=models.CASCADE, related_name="loop")
+    enabled = models.BooleanField(default=False, help_text="the beat tick advances this project's rounds")
+    paused = models.BooleanField(default=False, help_text="kept where it is; resuming loses no work")
+    algorithm = models.CharField(max_length=30, choices=ALGORITHM_CHOICES)
+    rl_config = models.JSONField(help_text="the RL algorithm's config, validated when set")
+    feedback = models.JSONField(help_text="the round's sampling: {prompts, within_pairs, render}")
+    reward_kind = models.CharField(max_length=20, default="bt")
+    reward_hyperparameters = models.JSONField(default=dict, blank=True)
+    encoder_path = models.CharField(max_length=1000, blank=True, help_text="blank: the project's default")
+    retrain_after = models.PositiveIntegerField(default=50, help_text="new judgments before a round trains")
+    verdicts_needed = models.PositiveIntegerField(
+        default=20, help_text="human verdicts on new-vs-incumbent comparisons before a round is evaluated"
+    )
+    guard_margin = models.FloatField(
+        default=0.15,
+        help_text="flag reward hacking when humans prefer the new version this much less than "
+        "the reward model predicted",
+    )
+    max_rounds = models.PositiveIntegerField(default=10)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="the manager who set it",
+    )
+    stopped_reason = models.TextField(
+        blank=True, help_text="why the loop stopped by itself (a flag, a failure)"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"loop of {self.project_id} ({'on' if self.enabled else 'off'})"
+
+
+class LoopRound(models.Model):
+    """One round of a project's loop, advanced one state at a time by the beat tick."""
+
+    class State(models.TextChoices):
+        WAITING_FOR_LABELS = "waiting_for_labels", "Waiting for labels"
+        REWARD_TRAINING = "reward_training", "Training the reward model"
+        RL = "rl", "RL round"
+        SAMPLING = "sampling", "Sampling the new version"
+        AWAITING_VERDICTS = "awaiting_verdicts", "Awaiting human verdicts"
+        EVALUATED = "evaluated", "Evaluated"
+        FLAGGED = "flagged", "Flagged: reward hacking"
+        FAILED = "failed", "Failed"
+
+    OPEN = (
+        State.WAITING_FOR_LABELS,
+        State.REWARD_TRAINING,
+        State.RL,
+        State.SAMPLING,
+        State.AWAITING_VERDICTS,
+    )
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="loop_rounds")
+    number = models.PositiveIntegerField()
+    state = models.CharField(max_length=20, choices=State.choices, default=State.WAITING_FOR_LABELS)
+    judgments_at_start = models.PositiveIntegerField(help_text="the project's judgments when the round began")
+    reward_job = models.ForeignKey(
+        "rewards.RewardTrainingJob", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    rl_job = models.ForeignKey(RLJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    sampling_job = models.ForeignKey(
+        SamplingJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    incumbent = models.ForeignKey(
+        GeneratorVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    new_version = models.ForeignKey(
+        GeneratorVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    verdicts = models.PositiveIntegerField(default=0, help_text="human verdicts on new vs incumbent")
+    predicted_win_rate = models.FloatField(null=True, blank=True, help_text="the reward model's P(new wins)")
+    human_win_rate = models.FloatField(null=True, blank=True, help_text="ties count half")
+    human_ci_low = models.FloatField(null=True, blank=True)
+    human_ci_high = models.FloatField(null=True, blank=True)
+    kl = models.FloatField(null=True, blank=True, help_text="the RL round's last logged KL to the reference")
+    reason = models.TextField(blank=True)
+    history = models.JSONField(default=list, blank=True, help_text="[{state, at}, ...]: the round's timeline")
+    started_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["project", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "number"], name="loopround_number"),
+            # At most one open round per project: two ticks can never start two rounds.
+            models.UniqueConstraint(
+                fields=["project"],
+                condition=models.Q(
+                    state__in=["waiting_for_labels", "reward_training", "rl", "sampling", "awaiting_verdicts"]
+                ),
+                name="loopround_one_open",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"round {self.number} of {self.project_id} ({self.state})"

@@ -35,3 +35,12 @@ def sampling_job_queue(job_id: int) -> None:
     from training.services.sampling import sampling_job_queue as queue
 
     queue(job_id=job_id)
+
+
+@shared_task(name="training.tasks.loop_tick", ignore_result=True)
+def loop_tick() -> None:
+    """The loop controller's beat tick, on the default queue: cheap, and claimed step by step, so a
+    tick that fires before the last one finished advances nothing twice."""
+    from training.services.loop import loop_tick_all
+
+    loop_tick_all()

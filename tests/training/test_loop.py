@@ -1,0 +1,180 @@
+"""The loop controller, tick by tick, on an image project judged "brighter wins" and a tiny SD-like
+pipeline: a round waits for new judgments, trains a reward model, runs a DDPO round, renders and
+queues the new version against the base, waits for verdicts and is evaluated; judges who prefer
+the incumbent make the guard flag reward hacking and stop the loop; a stale tick advances nothing;
+pause keeps everything where it is; refusals store nothing. The jobs the ticks launch are run here
+in the test's process (the Celery path of each job is tested with its service)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from typing import Any
+
+import pytest
+
+from annotate import services as annotate_services
+from annotate.errors import Invalid
+from annotate.models import ProjectMember, Sample
+from rewards import services as reward_services
+from rewards.models import RewardTrainingJob
+from tests.rewards.helpers import brighter, simulate
+from tests.training.test_jobs import _config
+from training import services
+from training.models import LoopConfig, LoopRound
+from training.services import loop as loop_services
+
+pytestmark = pytest.mark.django_db
+
+RENDER = {"per_prompt": 2, "steps": 2, "guidance_scale": 1.0}
+
+
+def _loop(project: Any, manager: Any, **kw: Any) -> LoopConfig:
+    return services.loop_config_set(
+        project=project, actor=manager, algorithm="ddpo", rl_config=_config(iterations=1),
+        feedback={"prompts": 2, "within_pairs": 1, "render": RENDER}, reward_hyperparameters={"epochs": 3},
+        retrain_after=6, verdicts_needed=4, max_rounds=2, **kw,
+    )  # fmt: skip
+
+
+def _more_judgments(project: Any, manager: Any, make_user: Any, name: str, n: int) -> None:
+    judge = make_user(name)
+    annotate_services.project_member_set(
+        project=project, actor=manager, user=judge, role=ProjectMember.Role.ANNOTATOR
+    )
+    annotate_services.comparisons_create_random_pairs(
+        project=project, actor=manager, pairs_per_prompt=8, seed=7
+    )
+    assert simulate(project, judge, brighter, limit=n) == n
+
+
+def _tick(project: Any) -> LoopRound:
+    r = services.loop_tick(project_id=project.id, dispatch=False)
+    assert r is not None
+    return r
+
+
+def _to_awaiting_verdicts(project: Any, manager: Any, make_user: Any) -> LoopRound:
+    r = _tick(project)
+    assert (r.number, r.state) == (1, "waiting_for_labels")
+    assert _tick(project).reason == "0 of 6 new judgments"
+    _more_judgments(project, manager, make_user, "judge2", 6)
+    r = _tick(project)
+    assert r.state == "reward_training" and r.reward_job is not None
+    assert r.reward_job.trigger == RewardTrainingJob.Trigger.AUTO
+    assert _tick(project).state == "reward_training"  # the job has not run yet
+    assert reward_services.reward_job_run(job_id=r.reward_job.id).status == "succeeded"
+    r = _tick(project)
+    assert r.state == "rl" and r.rl_job is not None and r.incumbent == r.rl_job.base_version
+    assert r.rl_job.reward_version is not None and r.rl_job.reward_version.is_active
+    assert services.rl_job_run(job_id=r.rl_job.id).status == "succeeded"
+    r = _tick(project)
+    assert r.state == "sampling" and r.sampling_job is not None and r.new_version == r.sampling_job.version
+    assert r.kl is None  # DDPO logs no KL to a reference (GRPO does)
+    assert services.sampling_job_render(job_id=r.sampling_job.id).status == "rendered"
+    assert services.sampling_job_queue(job_id=r.sampling_job.id).status == "succeeded"
+    r = _tick(project)
+    assert r.state == "awaiting_verdicts"
+    return r
+
+
+def _prefer(new: bool) -> Any:
+    """A judge who prefers the RL round's outputs (``<project>-rl``), or the base model's."""
+
+    def rule(a: Sample, b: Sample) -> int:
+        a_new = bool(a.generator_version and a.generator_version.generator.name.endswith("-rl"))
+        return a.id if a_new == new else b.id
+
+    return rule
+
+
+def test_a_round_from_labels_to_evaluation(project: Any, manager: Any, make_user: Any) -> None:
+    _loop(project, manager)
+    r = _to_awaiting_verdicts(project, manager, make_user)
+    assert _tick(project).verdicts == 0  # nobody judged the round yet
+    judge = make_user("judge3")
+    annotate_services.project_member_set(
+        project=project, actor=manager, user=judge, role=ProjectMember.Role.ANNOTATOR
+    )
+    simulate(project, judge, _prefer(new=True), noise=0.0)  # the new version wins every time
+    r = _tick(project)
+    assert r.state == "evaluated" and r.verdicts == 4 and r.human_win_rate == 1.0
+    assert r.predicted_win_rate is not None and 0.0 < r.predicted_win_rate < 1.0
+    assert r.human_ci_low is not None and 0.5 < r.human_ci_low < 1.0 and r.human_ci_high == 1.0
+    assert [h["state"] for h in r.history] == [
+        "waiting_for_labels", "reward_training", "rl", "sampling", "awaiting_verdicts", "evaluated",
+    ]  # fmt: skip
+    r2 = _tick(project)  # the next round begins
+    assert (r2.number, r2.state) == (2, "waiting_for_labels")
+
+
+def test_the_guard_flags_a_round_people_do_not_prefer_and_stops_the_loop(
+    project: Any, manager: Any, make_user: Any
+) -> None:
+    _loop(project, manager, guard_margin=0.1)
+    _to_awaiting_verdicts(project, manager, make_user)
+    judge = make_user("judge3")
+    annotate_services.project_member_set(
+        project=project, actor=manager, user=judge, role=ProjectMember.Role.ANNOTATOR
+    )
+    simulate(project, judge, _prefer(new=False), noise=0.0)  # the base wins every time
+    r = _tick(project)
+    assert r.state == "flagged" and r.human_win_rate == 0.0
+    assert r.reason.startswith("reward hacking suspected: people preferred the new version 0% of the time")
+    assert "lies below 50%" in r.reason and r.reason.endswith("The incumbent stays; the loop stopped.")
+    config = LoopConfig.objects.get(project=project)
+    assert not config.enabled and config.stopped_reason.startswith(
+        "round 1 flagged: reward hacking suspected"
+    )
+    assert services.loop_tick(project_id=project.id, dispatch=False) is None  # stopped: nothing moves
+    assert LoopRound.objects.filter(project=project).count() == 1
+
+
+def test_a_stale_tick_advances_nothing_and_pause_keeps_the_round(
+    project: Any, manager: Any, make_user: Any
+) -> None:
+    config = _loop(project, manager)
+    stale = _tick(project)
+    _more_judgments(project, manager, make_user, "judge2", 6)
+    moved = _tick(project)
+    assert moved.state == "reward_training", moved.reason
+    # A second tick that read the round before the first one moved it: its claim fails.
+    again = loop_services._waiting_for_labels(config, stale, False)
+    assert again.state == "reward_training" and RewardTrainingJob.objects.filter(trigger="auto").count() == 1
+    services.loop_pause(project=project, actor=manager)
+    assert services.loop_tick(project_id=project.id, dispatch=False) is None
+    services.loop_pause(project=project, actor=manager, paused=False)
+    assert _tick(project).state == "reward_training"  # resumed where it was
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"algorithm": "text_dpo"}, "the loop runs an online algorithm"),
+        ({"algorithm": "text_grpo"}, "text_grpo trains text generators"),
+        ({"rl_config": {"pipeline": "/nonexistent"}}, "rl_config.pipeline"),
+        ({"rl_config": {"eta": 0.0}}, "rl_config: eta must be in"),
+        ({"retrain_after": 0}, "retrain_after must be an integer 1..1000000"),
+        ({"guard_margin": 2}, "guard_margin must be a number in [0, 1]"),
+        ({"reward_kind": "artifact"}, "reward_kind: a reward model kind"),
+        ({"feedback": {"prompts": "all"}}, "feedback: prompts and within_pairs must be integers"),
+    ],
+)
+def test_refusals_store_nothing(project: Any, manager: Any, kw: dict[str, Any], message: str) -> None:
+    args: dict[str, Any] = {"algorithm": "ddpo", "rl_config": _config(), "feedback": {"prompts": 2}}
+    if "rl_config" in kw and "pipeline" not in kw["rl_config"]:
+        kw = {"rl_config": _config(**kw["rl_config"])}
+    with pytest.raises(Invalid) as exc:
+        services.loop_config_set(project=project, actor=manager, **(args | kw))
+    assert message in exc.value.message
+    assert LoopConfig.objects.count() == 0
+
+
+def test_an_annotator_cannot_set_the_loop(project: Any, annotator: Any) -> None:
+    from annotate.errors import Forbidden, NotFound
+
+    with pytest.raises((Forbidden, NotFound)):
+        services.loop_config_set(project=project, actor=annotator, algorithm="ddpo", rl_config=_config())
+    assert LoopConfig.objects.count() == 0
