@@ -11,6 +11,7 @@ from rest_framework.request import Request
 
 from annotate import ratelimit
 from annotate import views as annotate_views
+from training import views as training_views
 
 
 class SchemaView(SpectacularAPIView):
@@ -48,6 +49,7 @@ urlpatterns = [
     path("favicon.ico", RedirectView.as_view(url="/static/favicon.svg", permanent=True)),
     path("label/<slug:slug>/", annotate_views.label, name="label"),
     path("projects/<slug:slug>/leaderboard/", annotate_views.leaderboard, name="leaderboard"),
+    path("projects/<slug:slug>/loop/", training_views.loop_page, name="loop"),
     path("media/samples/<int:sample_id>", annotate_views.sample_media, name="sample-media"),
     path("accounts/login/", ratelimit.RateLimitedLoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

@@ -45,7 +45,7 @@ CHECKS = [
     response_schema_conformance,
     response_headers_conformance,
 ]
-# Examples per operation, role and mode (valid / invalid inputs): 38 operations x 2 x 2 x 12.
+# Examples per operation, role and mode (valid / invalid inputs): 42 operations x 2 x 2 x 12.
 MAX_EXAMPLES = 12
 
 
@@ -195,8 +195,8 @@ def _failures(world: dict[str, Any], role: str) -> list[str]:
 
 def test_operations_as_manager(world: dict[str, Any]) -> None:
     # 27 + four RL-job operations + two of generator versions + three of sampling jobs + an RL job's
-    # metrics plot (issue 12) + the leaderboard (issue 13)
-    assert len(OPERATIONS) == 38
+    # metrics plot (issue 12) + the leaderboard and the loop's four operations (issue 13)
+    assert len(OPERATIONS) == 42
     failures = _failures(world, "manager")
     assert not failures, "\n\n".join(failures)
 

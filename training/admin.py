@@ -8,6 +8,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
@@ -18,7 +19,7 @@ from annotate.errors import ServiceError
 from annotate.models import Project
 from training import plots, services
 from training.algorithms import ALGORITHM_CHOICES
-from training.models import RLJob, SamplingJob
+from training.models import LoopConfig, LoopRound, RLJob, SamplingJob
 
 
 def _json_object(value: str, *, required: bool) -> dict[str, Any] | None:
@@ -257,3 +258,86 @@ class SamplingJobAdmin(admin.ModelAdmin):
         extra = dict(extra_context or {})
         extra["auto_refresh"] = job is not None and job.status in ("queued", "rendering", "rendered")
         return super().change_view(request, object_id, form_url, extra_context=extra)
+
+
+class LoopConfigForm(forms.ModelForm):
+    """The loop's settings; saved only when the loop service accepts them (it checks every setting
+    as an RL launch would)."""
+
+    user: Any = None
+
+    class Meta:
+        model = LoopConfig
+        fields = [
+            "project", "enabled", "paused", "algorithm", "rl_config", "feedback", "reward_kind",
+            "reward_hyperparameters", "encoder_path", "retrain_after", "verdicts_needed", "guard_margin",
+            "max_rounds",
+        ]  # fmt: skip
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        fields = ("algorithm", "rl_config", "feedback", "reward_kind", "reward_hyperparameters", "encoder_path",
+                  "retrain_after", "verdicts_needed", "guard_margin", "max_rounds", "enabled")  # fmt: skip
+        try:
+            with transaction.atomic():  # checked by the service, then rolled back: the admin saves it
+                services.loop_config_set(
+                    project=data["project"], actor=self.user, **{k: data[k] for k in fields if k in data}
+                )
+                transaction.set_rollback(True)
+        except ServiceError as exc:
+            raise forms.ValidationError(exc.message) from exc
+        return data
+
+
+@admin.register(LoopConfig)
+class LoopConfigAdmin(admin.ModelAdmin):
+    form = LoopConfigForm
+    list_display = (
+        "project",
+        "enabled",
+        "paused",
+        "algorithm",
+        "retrain_after",
+        "verdicts_needed",
+        "stopped_reason",
+    )
+    list_filter = ("enabled", "paused")
+    readonly_fields = ["owner", "stopped_reason", "page_link"]
+
+    @admin.display(description="project page")
+    def page_link(self, config: LoopConfig) -> str:
+        return format_html('<a href="/projects/{}/loop/">timeline and guard plot</a>', config.project.slug)
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.user = request.user  # type: ignore[attr-defined]  # the manager the service checks
+        return form
+
+    def save_model(self, request: HttpRequest, obj: LoopConfig, form: Any, change: bool) -> None:
+        obj.owner = request.user  # type: ignore[assignment]
+        if obj.enabled:
+            obj.stopped_reason = ""
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(LoopRound)
+class LoopRoundAdmin(admin.ModelAdmin):
+    list_display = (
+        "project",
+        "number",
+        "state",
+        "verdicts",
+        "human_win_rate",
+        "predicted_win_rate",
+        "started_at",
+    )
+    list_filter = ("state", "project")
+    readonly_fields = [f.name for f in LoopRound._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # rounds are started by the loop's tick
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return obj is None and super().has_change_permission(request, obj)

@@ -227,8 +227,9 @@ def _send(client: APIClient, method: str, path: str, body: Any) -> Any:
 
 def test_routes_cover_the_project_api() -> None:
     # 24 + the four RL-job routes + generator versions (list, register) and sampling jobs (list,
-    # create, detail) + an RL job's metrics plot (issue 12) + the leaderboard (issue 13)
-    assert len(ROUTES) == 35
+    # create, detail) + an RL job's metrics plot (issue 12) + the leaderboard and the loop (get, set,
+    # pause, resume) (issue 13)
+    assert len(ROUTES) == 39
     assert ("post", "/api/projects/{slug}/judgments/") in ROUTES
     assert ("post", "/api/projects/{slug}/reward-models/1/activate/") in ROUTES
     assert ("post", "/api/projects/{slug}/rl-jobs/1/cancel/") in ROUTES

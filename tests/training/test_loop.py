@@ -7,6 +7,7 @@ in the test's process (the Celery path of each job is tested with its service)."
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -178,3 +179,58 @@ def test_an_annotator_cannot_set_the_loop(project: Any, annotator: Any) -> None:
     with pytest.raises((Forbidden, NotFound)):
         services.loop_config_set(project=project, actor=annotator, algorithm="ddpo", rl_config=_config())
     assert LoopConfig.objects.count() == 0
+
+
+def test_the_loop_over_rest(project: Any, manager: Any, annotator: Any, make_user: Any) -> None:
+    from tests.factories import client_for
+
+    api, member = client_for(manager), client_for(annotator)
+    url = f"/api/projects/{project.slug}/loop/"
+    assert api.get(url).status_code == 404  # no loop yet
+    body = {"algorithm": "ddpo", "rl_config": _config(), "feedback": {"prompts": 2}, "retrain_after": 6}
+    r = member.post(url, body, format="json")
+    assert r.status_code == 403 and LoopConfig.objects.count() == 0
+    r = api.post(url, {**body, "rl_config": _config(eta=0.0)}, format="json")
+    assert r.status_code == 400 and "rl_config: eta must be in" in r.json()["error"]["message"]
+    assert LoopConfig.objects.count() == 0
+    r = api.post(url, body, format="json")
+    assert r.status_code == 200, r.content
+    loop = r.json()
+    assert loop["enabled"] and not loop["paused"] and loop["rounds"] == [] and loop["rl_config"]["pipeline"]
+    services.loop_tick(project_id=project.id, dispatch=False)
+    seen = member.get(url).json()
+    assert "pipeline" not in seen["rl_config"]  # the server path: staff only
+    assert [(x["number"], x["state"], x["reason"]) for x in seen["rounds"]] == [(1, "waiting_for_labels", "")]
+    assert api.post(f"{url}pause/").json()["paused"] is True
+    assert member.post(f"{url}resume/").status_code == 403
+    assert api.post(f"{url}resume/").json()["paused"] is False
+    assert client_for(make_user("stranger")).get(url).status_code == 404
+
+
+def test_the_loop_page_and_the_admin_form(project: Any, manager: Any, annotator: Any) -> None:
+    from django.test import Client
+
+    web = Client()
+    web.force_login(annotator)
+    page = web.get(f"/projects/{project.slug}/loop/").content.decode()
+    assert "The loop is not set for this project" in page
+    _loop(project, manager)
+    services.loop_tick(project_id=project.id, dispatch=False)
+    page = web.get(f"/projects/{project.slug}/loop/").content.decode()
+    assert "Waiting for labels" in page and "no round evaluated yet" in page
+    manager.is_staff = manager.is_superuser = True
+    manager.save()
+    admin = Client()
+    admin.force_login(manager)
+    url = f"/admin/training/loopconfig/{LoopConfig.objects.get().id}/change/"
+    form = {
+        "project": project.id, "enabled": "on", "algorithm": "ddpo", "rl_config": '{"pipeline": "/nonexistent"}',
+        "feedback": '{"prompts": 2}', "reward_kind": "bt", "reward_hyperparameters": "{}", "encoder_path": "",
+        "retrain_after": 9, "verdicts_needed": 4, "guard_margin": 0.2, "max_rounds": 3,
+    }  # fmt: skip
+    r = admin.post(url, form)
+    assert r.status_code == 200 and "rl_config.pipeline" in r.content.decode()  # shown on the form
+    assert LoopConfig.objects.get().retrain_after == 6  # nothing changed
+    r = admin.post(url, {**form, "rl_config": json.dumps(_config())})
+    assert r.status_code == 302, r.content.decode()[:2000]
+    assert LoopConfig.objects.get().retrain_after == 9

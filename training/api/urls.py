@@ -4,6 +4,9 @@ from annotate.api import urls as _annotate_urls  # noqa: F401  (registers the <p
 from training.api import views
 
 urlpatterns = [
+    path("projects/<project:slug>/loop/", views.LoopView.as_view(), name="api-loop"),
+    path("projects/<project:slug>/loop/pause/", views.LoopPauseView.as_view(), name="api-loop-pause"),
+    path("projects/<project:slug>/loop/resume/", views.LoopResumeView.as_view(), name="api-loop-resume"),
     path("projects/<project:slug>/rl-jobs/", views.RLJobListCreateView.as_view(), name="api-rl-jobs"),
     path("projects/<project:slug>/rl-jobs/<int:job_id>/", views.RLJobDetailView.as_view(), name="api-rl-job"),
     path(

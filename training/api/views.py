@@ -19,7 +19,7 @@ from annotate.api.views import AUTHED_ERRORS, BODY_ERRORS, errors
 from annotate.errors import NotFound
 from training import plots, services
 from training.algorithms import ALGORITHMS
-from training.models import RLJob, SamplingJob
+from training.models import LoopConfig, LoopRound, RLJob, SamplingJob
 
 PATH_FIELDS = ("pipeline", "policy")
 
@@ -385,3 +385,144 @@ class SamplingJobDetailView(APIView):
         if job is None:
             raise NotFound(f"no sampling job {job_id} in {project.slug}")
         return Response(sampling_out(job))
+
+
+# --- The loop ------------------------------------------------------------------------------------
+@extend_schema_serializer(component_name="LoopRound")
+class LoopRoundOut(serializers.Serializer):
+    number = serializers.IntegerField()
+    state = serializers.ChoiceField(choices=LoopRound.State.values)
+    reason = serializers.CharField(allow_blank=True, help_text="where it stands, or why it stopped")
+    reward_job = serializers.IntegerField(allow_null=True)
+    rl_job = serializers.IntegerField(allow_null=True)
+    sampling_job = serializers.IntegerField(allow_null=True)
+    new_version = serializers.IntegerField(allow_null=True, help_text="the generator version the round made")
+    incumbent = serializers.IntegerField(allow_null=True, help_text="the version it was compared with")
+    verdicts = serializers.IntegerField()
+    predicted_win_rate = serializers.FloatField(allow_null=True, help_text="the reward model's P(new wins)")
+    human_win_rate = serializers.FloatField(allow_null=True, help_text="ties count half")
+    human_ci_low = serializers.FloatField(allow_null=True)
+    human_ci_high = serializers.FloatField(allow_null=True)
+    kl = serializers.FloatField(allow_null=True)
+    history = serializers.ListField(child=serializers.DictField(), help_text="[{state, at}, ...]")
+    started_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+@extend_schema_serializer(component_name="Loop")
+class LoopOut(serializers.Serializer):
+    enabled = serializers.BooleanField()
+    paused = serializers.BooleanField()
+    algorithm = serializers.CharField()
+    rl_config = serializers.DictField(help_text="the model directory: staff only")
+    feedback = serializers.DictField()
+    reward_kind = serializers.CharField()
+    retrain_after = serializers.IntegerField()
+    verdicts_needed = serializers.IntegerField()
+    guard_margin = serializers.FloatField()
+    max_rounds = serializers.IntegerField()
+    stopped_reason = serializers.CharField(allow_blank=True)
+    rounds = LoopRoundOut(many=True)
+
+
+def loop_out(config: LoopConfig, *, staff: bool) -> dict[str, Any]:
+    rl_config = dict(config.rl_config)
+    if not staff:
+        for name in PATH_FIELDS:
+            rl_config.pop(name, None)
+    rounds = LoopRound.objects.filter(project_id=config.project_id).order_by("number")
+    return {
+        "enabled": config.enabled,
+        "paused": config.paused,
+        "algorithm": config.algorithm,
+        "rl_config": rl_config,
+        "feedback": config.feedback,
+        "reward_kind": config.reward_kind,
+        "retrain_after": config.retrain_after,
+        "verdicts_needed": config.verdicts_needed,
+        "guard_margin": config.guard_margin,
+        "max_rounds": config.max_rounds,
+        "stopped_reason": config.stopped_reason,
+        "rounds": [
+            {
+                "number": r.number,
+                "state": r.state,
+                "reason": r.reason,
+                "reward_job": r.reward_job_id,
+                "rl_job": r.rl_job_id,
+                "sampling_job": r.sampling_job_id,
+                "new_version": r.new_version_id,
+                "incumbent": r.incumbent_id,
+                "verdicts": r.verdicts,
+                "predicted_win_rate": r.predicted_win_rate,
+                "human_win_rate": r.human_win_rate,
+                "human_ci_low": r.human_ci_low,
+                "human_ci_high": r.human_ci_high,
+                "kl": r.kl,
+                "history": r.history,
+                "started_at": r.started_at.isoformat(),
+                "finished_at": r.finished_at.isoformat() if r.finished_at else None,
+            }
+            for r in rounds
+        ],
+    }
+
+
+def _loop(project: Any) -> LoopConfig:
+    config = LoopConfig.objects.filter(project=project).first()
+    if config is None:
+        raise NotFound(f"project {project.slug} has no loop yet")
+    return config
+
+
+class LoopView(APIView):
+    @extend_schema_serializer(component_name="LoopSet")
+    class InputSerializer(serializers.Serializer):
+        enabled = serializers.BooleanField(default=True)
+        algorithm = serializers.ChoiceField(
+            choices=list(ALGORITHMS), help_text="an online algorithm (the offline ones are refused)"
+        )
+        rl_config = serializers.DictField(
+            help_text="the algorithm's config (its model directory on the server)"
+        )
+        feedback = serializers.DictField(required=False, help_text="{prompts, within_pairs, render}")
+        reward_kind = serializers.CharField(required=False, default="bt", max_length=20)
+        reward_hyperparameters = serializers.DictField(required=False, default=dict)
+        encoder_path = serializers.CharField(required=False, default="", allow_blank=True, max_length=1000)
+        retrain_after = serializers.IntegerField(required=False, default=50, min_value=1, max_value=1_000_000)
+        verdicts_needed = serializers.IntegerField(required=False, default=20, min_value=1, max_value=100_000)
+        guard_margin = serializers.FloatField(required=False, default=0.15, min_value=0.0, max_value=1.0)
+        max_rounds = serializers.IntegerField(required=False, default=10, min_value=1, max_value=1000)
+
+    @extend_schema(operation_id="loop_detail", responses={200: LoopOut, **errors(*AUTHED_ERRORS)})
+    def get(self, request: Request, slug: str) -> Response:
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        return Response(loop_out(_loop(project), staff=request.user.is_staff))
+
+    @extend_schema(
+        operation_id="loop_set",
+        request=InputSerializer,
+        description="Set and switch on (or off) the project's loop (managers); every setting is checked "
+        "as an RL launch checks it, and a refusal stores nothing.",
+        responses={200: LoopOut, **errors(*AUTHED_ERRORS, *BODY_ERRORS)},
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        config = services.loop_config_set(project=project, actor=request.user, **data.validated_data)
+        return Response(loop_out(config, staff=request.user.is_staff))
+
+
+class LoopPauseView(APIView):
+    paused = True
+
+    @extend_schema(request=None, responses={200: LoopOut, **errors(*AUTHED_ERRORS)})
+    def post(self, request: Request, slug: str) -> Response:
+        project, _ = selectors.project_for_member(slug=slug, user=request.user)
+        config = services.loop_pause(project=project, actor=request.user, paused=self.paused)
+        return Response(loop_out(config, staff=request.user.is_staff))
+
+
+class LoopResumeView(LoopPauseView):
+    paused = False
