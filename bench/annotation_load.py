@@ -28,7 +28,6 @@ import queue
 import random
 import sys
 import time
-import urllib.parse
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -413,46 +412,6 @@ class WorkerResult:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-class _Client:
-    """A lean keep-alive HTTP/1.1 JSON client (http.client). The load generator shares the cores
-    with the server it measures, so it should spend as little CPU per request as it can;
-    requests.Session costs about three times as much per call."""
-
-    def __init__(self, url: str, token: str) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.headers = {"Authorization": f"Token {token}", "Accept": "application/json"}
-        self.conn: http.client.HTTPConnection | None = None
-
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-        headers = dict(self.headers)
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        for attempt in (0, 1):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=REQUEST_TIMEOUT_S)
-            try:
-                self.conn.request(method, path, body=data, headers=headers)
-                resp = self.conn.getresponse()
-                raw = resp.read()
-            except (http.client.HTTPException, OSError):
-                self.close()
-                if attempt:
-                    raise
-                continue  # the server closed an idle keep-alive connection: reconnect once
-            if resp.getheader("Connection", "").lower() == "close":
-                self.close()
-            return resp.status, (json.loads(raw) if raw else None)
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-
-
 @dataclass(frozen=True)
 class WorkerSpec:
     index: int
@@ -477,7 +436,11 @@ def annotator_loop(spec: WorkerSpec, progress: Any) -> WorkerResult:
     res = WorkerResult(username=spec.username)
     errors: Counter[str] = Counter()
     base = f"/api/projects/{spec.project}"
-    client = _Client(spec.url, spec.token)
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from simulate.annotators import HttpClient  # the simulated annotators' client: one copy
+
+    client = HttpClient(spec.url, spec.token, timeout=REQUEST_TIMEOUT_S)
     options = ["left", "right"]
     pending: list[dict[str, Any]] = []
     measure_from = spec.start_at + spec.warmup_s

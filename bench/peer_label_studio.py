@@ -58,7 +58,6 @@ from annotation_load import (
     _ANSWER_BODIES,
     REQUEST_TIMEOUT_S,
     WorkerResult,
-    _Client,
     _percentiles,
     _show_progress,
     machine_info,
@@ -885,7 +884,11 @@ def ls_annotator_loop(spec: LsWorkerSpec, progress: Any) -> WorkerResult:
     rng = random.Random(spec.seed * 1000 + spec.index)
     res = WorkerResult(username=spec.username)
     errors: Counter[str] = Counter()
-    client = _Client(spec.url, spec.token)
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from simulate.annotators import HttpClient  # the simulated annotators' client: one copy
+
+    client = HttpClient(spec.url, spec.token, timeout=REQUEST_TIMEOUT_S)
     pid = spec.project_id
     next_body: dict[str, Any] | None
     if spec.next_via == "dm":

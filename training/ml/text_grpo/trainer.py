@@ -179,7 +179,13 @@ def run_online(
         callbacks=[Report()],
     )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    # Written beside and renamed into place: a reader never sees half a policy.
+    save_final_policy(trainer, tokenizer, out)
+    return result
+
+
+def save_final_policy(trainer: Any, tokenizer: Any, out: Path) -> Path:
+    """The trained policy (a LoRA adapter, or the whole model) and its tokenizer as ``out/final``,
+    written beside and renamed into place: a reader never sees half a policy."""
     tmp, final = out / ".final.tmp", out / "final"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -188,4 +194,4 @@ def run_online(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    return result
+    return final
