@@ -75,51 +75,47 @@ def test_a_job_on_a_conservative_ensemble_with_an_artifact_penalty_logs_each_par
     assert row["reward_mean"] == pytest.approx(total, abs=1e-6)  # what DDPO trained on is the total
 
 
-@pytest.mark.parametrize(
-    ("reward", "message"),
-    [
-        ({"version": 99}, "reward.version: this project has no reward model version 99"),
-        ({"version": "bt"}, "reward.version must be a reward model version number"),
-        ({"version": True}, "reward.version must be a reward model version number"),
-        ({"version": "<artifact>"}, "an artifact classifier is a penalty, not the reward"),
-        ({"conservative_k": 1.0}, "reward.conservative_k needs an ensemble reward model"),
-        (
-            {"version": "<ensemble>", "conservative_k": 11},
-            "reward.conservative_k must be a number >= 0 and <= 10",
-        ),
-        ({"version": "<ensemble>", "conservative_k": -0.5}, "reward.conservative_k must be a number"),
-        ({"version": "<ensemble>", "conservative_k": "1"}, "reward.conservative_k must be a number"),
-        ({"artifact_version": "<bt>"}, "is bt, not an artifact classifier"),
-        (
-            {"artifact_version": "<artifact>", "artifact_weight": 0},
-            "reward.artifact_weight must be a number > 0",
-        ),
-        ({"artifact_weight": 1.0}, "reward.artifact_weight needs reward.artifact_version"),
-        ({"temperature": 1.0}, "reward: an object with version, conservative_k"),
-    ],
-)
-def test_every_bad_reward_is_refused_with_nothing_stored(
-    versions: dict[str, Any], manager: Any, reward: dict[str, Any], message: str
-) -> None:
+BAD_REWARDS: list[tuple[dict[str, Any], str]] = [
+    ({"version": 99}, "reward.version: this project has no reward model version 99"),
+    ({"version": "bt"}, "reward.version must be a reward model version number"),
+    ({"version": True}, "reward.version must be a reward model version number"),
+    ({"version": "<artifact>"}, "an artifact classifier is a penalty, not the reward"),
+    ({"conservative_k": 1.0}, "reward.conservative_k needs an ensemble reward model"),
+    (
+        {"version": "<ensemble>", "conservative_k": 11},
+        "reward.conservative_k must be a number >= 0 and <= 10",
+    ),
+    ({"version": "<ensemble>", "conservative_k": -0.5}, "reward.conservative_k must be a number"),
+    ({"version": "<ensemble>", "conservative_k": "1"}, "reward.conservative_k must be a number"),
+    ({"artifact_version": "<bt>"}, "is bt, not an artifact classifier"),
+    ({"artifact_version": "<artifact>", "artifact_weight": 0}, "reward.artifact_weight must be a number > 0"),
+    ({"artifact_weight": 1.0}, "reward.artifact_weight needs reward.artifact_version"),
+    ({"temperature": 1.0}, "reward: an object with version, conservative_k"),
+]
+
+
+def test_every_bad_reward_is_refused_with_nothing_stored(versions: dict[str, Any], manager: Any) -> None:
+    """One project for all the cases (training its three reward models is the slow part)."""
     from tests.factories import client_for
 
-    resolved = {
-        k: versions[v[1:-1]].number if isinstance(v, str) and v.startswith("<") else v
-        for k, v in reward.items()
-    }
-    with pytest.raises(Invalid, match=message) as exc:
-        services.rl_job_create(
-            project=versions["project"], actor=manager, algorithm="ddpo", config=_config(), reward=resolved,
-            dispatch=False,
-        )  # fmt: skip
-    assert exc.value.code == "bad_reward"
-    r = client_for(manager).post(
-        f"/api/projects/{versions['project'].slug}/rl-jobs/",
-        {"algorithm": "ddpo", "config": _config(), "reward": resolved},
-        format="json",
-    )
-    assert r.status_code == 400 and message in r.json()["error"]["message"], r.content
-    assert RLJob.objects.count() == 0
+    for reward, message in BAD_REWARDS:
+        resolved = {
+            k: versions[v[1:-1]].number if isinstance(v, str) and v.startswith("<") else v
+            for k, v in reward.items()
+        }
+        with pytest.raises(Invalid, match=message) as exc:
+            services.rl_job_create(
+                project=versions["project"], actor=manager, algorithm="ddpo", config=_config(), reward=resolved,
+                dispatch=False,
+            )  # fmt: skip
+        assert exc.value.code == "bad_reward", reward
+        r = client_for(manager).post(
+            f"/api/projects/{versions['project'].slug}/rl-jobs/",
+            {"algorithm": "ddpo", "config": _config(), "reward": resolved},
+            format="json",
+        )
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (reward, r.content)
+        assert RLJob.objects.count() == 0
 
 
 def test_the_reward_over_rest(versions: dict[str, Any], manager: Any) -> None:
