@@ -9,6 +9,7 @@ from django.shortcuts import render
 from annotate import selectors
 from annotate.errors import ServiceError
 from annotate.views import with_csp
+from rewards.plots import line_chart
 from training.models import LoopConfig, LoopRound
 from training.plots import guard_chart
 
@@ -35,8 +36,11 @@ def loop_page(request: HttpRequest, slug: str) -> HttpResponse:
             for r in rounds
         ]
     )
-    return render(
-        request,
-        "training/loop.html",
-        {"project": project, "config": config, "rounds": rounds, "guard": guard},
+    kl_points = [(float(r.number), float(r.kl)) for r in rounds if r.kl is not None]
+    kl = (
+        line_chart({"KL": kl_points}, title="KL to the reference, per round", xlabel="round")
+        if kl_points
+        else ""
     )
+    context = {"project": project, "config": config, "rounds": rounds, "guard": guard, "kl": kl}
+    return render(request, "training/loop.html", context)

@@ -218,6 +218,10 @@ def test_the_loop_page_and_the_admin_form(project: Any, manager: Any, annotator:
     services.loop_tick(project_id=project.id, dispatch=False)
     page = web.get(f"/projects/{project.slug}/loop/").content.decode()
     assert "Waiting for labels" in page and "no round evaluated yet" in page
+    assert "KL to the reference" not in page  # no round has logged a KL yet
+    LoopRound.objects.filter(project=project).update(kl=0.0123)  # as a GRPO round logs it
+    page = web.get(f"/projects/{project.slug}/loop/").content.decode()
+    assert "KL to the reference, per round" in page and "0.0123" in page
     manager.is_staff = manager.is_superuser = True
     manager.save()
     admin = Client()

@@ -23,6 +23,7 @@ refused launch leaves the round where it was. A paused loop is left exactly wher
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -37,6 +38,7 @@ from training.algorithms import ALGORITHMS
 from training.ml.configs import ConfigError
 from training.models import LoopConfig, LoopRound, SamplingJob
 
+log = logging.getLogger(__name__)
 State = LoopRound.State
 DONE = ("succeeded",)
 ENDED_BADLY = ("failed", "cancelled")
@@ -383,7 +385,11 @@ def loop_tick_all(*, dispatch: bool = True) -> list[int]:
     for project_id in LoopConfig.objects.filter(enabled=True, paused=False).values_list(
         "project_id", flat=True
     ):
-        r = loop_tick(project_id=project_id, dispatch=dispatch)
+        try:
+            r = loop_tick(project_id=project_id, dispatch=dispatch)
+        except Exception:  # one project's trouble must not stall the others' loops
+            log.exception("loop tick of project %s failed; the next tick tries again", project_id)
+            continue
         if r is not None:
             seen.append(r.id)
     return seen
