@@ -42,6 +42,26 @@ def _model_problem(path: str, algo: Any) -> str | None:
     return None
 
 
+def launch_config_check(*, project: Any, algo: Any, config: Any, field: str) -> Any:
+    """The resolved config of ``algo`` for ``project``, or ``Invalid`` naming ``field``: an
+    algorithm for another modality, a config that is unknown, mistyped or out of range, a model
+    directory that is missing, truncated or of the wrong kind (what an RL launch and the loop's
+    settings both check)."""
+    if project.modality and project.modality != algo.modality:
+        raise Invalid(
+            f"{algo.name} trains {algo.modality} generators; this project holds {project.modality}",
+            code="wrong_modality",
+        )
+    try:
+        resolved = algo.config_class().from_dict(config)
+    except ConfigError as exc:
+        raise Invalid(f"{field}: {exc}", code="bad_config") from exc
+    problem = _model_problem(getattr(resolved, algo.model_field), algo)
+    if problem:
+        raise Invalid(f"{field}.{algo.model_field}: {problem}", code="bad_model")
+    return resolved
+
+
 def _total(config: Any) -> int:
     return int(getattr(config, "iterations", 0) or getattr(config, "steps", 0))
 
@@ -75,18 +95,7 @@ def rl_job_create(
     algo = ALGORITHMS.get(algorithm)
     if algo is None:
         raise Invalid(f"algorithm must be one of {', '.join(ALGORITHMS)}", code="bad_algorithm")
-    if project.modality and project.modality != algo.modality:
-        raise Invalid(
-            f"{algorithm} trains {algo.modality} generators; this project holds {project.modality}",
-            code="wrong_modality",
-        )
-    try:
-        resolved = algo.config_class().from_dict(config)
-    except ConfigError as exc:
-        raise Invalid(f"config: {exc}", code="bad_config") from exc
-    problem = _model_problem(getattr(resolved, algo.model_field), algo)
-    if problem:
-        raise Invalid(f"config.{algo.model_field}: {problem}", code="bad_model")
+    resolved = launch_config_check(project=project, algo=algo, config=config, field="config")
     if not Prompt.objects.filter(project=project).exists():
         raise Invalid("the project has no prompts to sample from", code="no_prompts")
     if algo.online:
@@ -107,7 +116,7 @@ def rl_job_create(
             )
         version, artifact, options = None, None, {}
     if feedback is not None:
-        feedback = _feedback(project, feedback)
+        feedback = feedback_check(project, feedback)
     with transaction.atomic():
         snapshot = None
         if not algo.online:  # the judgments it learns from, frozen now (built by the worker)
@@ -281,7 +290,8 @@ def _reward(
     return version, artifact, options
 
 
-def _feedback(project: Any, feedback: Any) -> dict[str, Any]:
+def feedback_check(project: Any, feedback: Any) -> dict[str, Any]:
+    """``feedback`` as stored: checked as the sampling job it queues would check it."""
     if not isinstance(feedback, dict) or set(feedback) - {"prompts", "within_pairs", "render"}:
         raise Invalid("feedback: an object with prompts, within_pairs and render", code="bad_config")
     prompts, pairs = feedback.get("prompts", 16), feedback.get("within_pairs", 1)
@@ -341,7 +351,7 @@ def _whole(path: Path) -> bool:
     """Ours (the diffusion trainers') are written beside and renamed into place, so they are whole
     when they exist. transformers' Trainer (under TRL) writes ``checkpoint-<step>`` in place and its
     ``trainer_state.json`` last: one without a readable state was cut short by a dying worker."""
-    if (path / "rewardloop_config.json").is_file():
+    if (path / "rewardloop_config.json").is_file():  # training.ml.diffusion.lora.RUN_CONFIG (no torch here)
         return True
     try:
         return isinstance(json.loads((path / "trainer_state.json").read_text()), dict)

@@ -35,7 +35,6 @@ from annotate.models import Comparison, Judgment, ProjectMember
 from annotate.selectors import member_role_require
 from rewards.models import RewardModelVersion, RewardTrainingJob
 from training.algorithms import ALGORITHMS
-from training.ml.configs import ConfigError
 from training.models import LoopConfig, LoopRound, SamplingJob
 
 log = logging.getLogger(__name__)
@@ -65,26 +64,15 @@ def loop_config_set(
     as an RL launch would check it (algorithm, modality, config, model directory, feedback), with
     nothing stored on a refusal."""
     from rewards.ml.names import KINDS as REWARD_KINDS
-    from training.services.jobs import _feedback, _model_problem
+    from training.services.jobs import feedback_check, launch_config_check
 
     member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
     algo = ALGORITHMS.get(algorithm)
     if algo is None or not algo.online:
         online = ", ".join(a.name for a in ALGORITHMS.values() if a.online)
         raise Invalid(f"algorithm: the loop runs an online algorithm: {online}", code="bad_algorithm")
-    if project.modality and project.modality != algo.modality:
-        raise Invalid(
-            f"{algorithm} trains {algo.modality} generators; this project holds {project.modality}",
-            code="wrong_modality",
-        )
-    try:
-        resolved = algo.config_class().from_dict(rl_config)
-    except ConfigError as exc:
-        raise Invalid(f"rl_config: {exc}", code="bad_config") from exc
-    problem = _model_problem(getattr(resolved, algo.model_field), algo)
-    if problem:
-        raise Invalid(f"rl_config.{algo.model_field}: {problem}", code="bad_model")
-    checked_feedback = _feedback(project, feedback or {})
+    resolved = launch_config_check(project=project, algo=algo, config=rl_config, field="rl_config")
+    checked_feedback = feedback_check(project, feedback or {})
     if reward_kind not in REWARD_KINDS or reward_kind == "artifact":
         raise Invalid("reward_kind: a reward model kind (not an artifact classifier)", code="bad_config")
     limits = (

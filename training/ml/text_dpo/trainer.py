@@ -12,10 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from training.ml.text_dpo.config import TextDPOConfig
-from training.ml.text_grpo.trainer import TextGRPOResult, lora_config, save_final_policy, torch_dtype
+from training.ml.text_grpo.trainer import (
+    TextGRPOResult,
+    load_policy_tokenizer,
+    lora_config,
+    report_callback,
+    save_final_policy,
+    trainer_arguments,
+)
 
 Pair = tuple[str, str, str]  # prompt, chosen, rejected
 
@@ -44,7 +50,6 @@ def train(
     ``output_dir/final``, checkpoints to ``output_dir/checkpoint-<step>``. ``resume_from``: a
     checkpoint of this run to continue from (model, optimizer, scheduler and RNG states)."""
     import datasets
-    from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     config.validate()
@@ -53,52 +58,17 @@ def train(
     for prompt, chosen, rejected in pairs:
         if not all(isinstance(t, str) for t in (prompt, chosen, rejected)):
             raise ValueError("text DPO trains on (prompt, chosen, rejected) strings")
-    path = Path(config.policy)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not a transformers model directory (no config.json)")
+    path, tokenizer = load_policy_tokenizer(config)
     out = Path(output_dir)
     result = TextGRPOResult(output_dir=out)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.eos_token is None:
-        raise ValueError(f"{path}: the tokenizer has no eos_token, so a response could never end")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     args = DPOConfig(
-        output_dir=str(out),
-        max_steps=config.steps,
+        **trainer_arguments(config, out),
         per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        beta=config.beta,
         max_length=config.max_length,
-        logging_steps=1,
-        save_strategy="steps" if config.checkpoint_every else "no",
-        save_steps=config.checkpoint_every or 500,
-        report_to="none",
-        seed=config.seed,
-        use_cpu=config.device == "cpu",
-        bf16=config.dtype == "bfloat16",
-        fp16=config.dtype == "float16",
-        model_init_kwargs={"dtype": torch_dtype(config.dtype)},
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
-
-    class Report(TrainerCallback):
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
-        ) -> None:
-            if not logs or "loss" not in logs:
-                return
-            row = {"step": float(state.global_step)} | {
-                ours: float(logs[k]) for k, ours in LOG_KEYS.items() if k in logs
-            }
-            result.metrics.append(row)
-            if progress is not None:
-                progress(row)
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if should_stop is not None and should_stop():
-                control.should_training_stop = True
+    report = report_callback(
+        result, log_keys=LOG_KEYS, marker="loss", progress=progress, should_stop=should_stop
+    )
 
     dataset = datasets.Dataset.from_dict(
         {
@@ -113,7 +83,7 @@ def train(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(config),
-        callbacks=[Report()],
+        callbacks=[report],
     )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_final_policy(trainer, tokenizer, out)

@@ -75,6 +75,77 @@ def lora_config(config: Any) -> Any:
     )
 
 
+def load_policy_tokenizer(config: Any) -> tuple[Path, Any]:
+    """The policy's directory and its tokenizer (a pad token set to eos when it has none); refused
+    when the directory is not a transformers model or the tokenizer can never end a response."""
+    from transformers import AutoTokenizer
+
+    path = Path(config.policy)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: not a transformers model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{path}: the tokenizer has no eos_token, so a response could never end")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return path, tokenizer
+
+
+def trainer_arguments(config: Any, out: Path) -> dict[str, Any]:
+    """The ``transformers.TrainingArguments`` every text trainer sets the same way from our config:
+    steps, logging every step, checkpoints every ``checkpoint_every``, seed, device and precision."""
+    return {
+        "output_dir": str(out),
+        "max_steps": config.steps,
+        "learning_rate": config.learning_rate,
+        "beta": config.beta,
+        "logging_steps": 1,
+        "save_strategy": "steps" if config.checkpoint_every else "no",
+        "save_steps": config.checkpoint_every or 500,
+        "report_to": "none",
+        "seed": config.seed,
+        "use_cpu": config.device == "cpu",
+        "bf16": config.dtype == "bfloat16",
+        "fp16": config.dtype == "float16",
+        "model_init_kwargs": {"dtype": torch_dtype(config.dtype)},
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+
+
+def report_callback(
+    result: TextGRPOResult,
+    *,
+    log_keys: dict[str, str],
+    marker: str,
+    progress: Callable[[dict[str, float]], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> Any:
+    """A ``TrainerCallback`` that turns each of TRL's training logs (the ones holding ``marker``)
+    into our metrics row (``log_keys``: TRL's key -> ours), and stops after the step in which
+    ``should_stop`` says so (the run still saves what it has)."""
+    from transformers import TrainerCallback
+
+    class Report(TrainerCallback):
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+        ) -> None:
+            if not logs or marker not in logs:
+                return
+            row = {"step": float(state.global_step)} | {
+                ours: float(logs[k]) for k, ours in log_keys.items() if k in logs
+            }
+            result.metrics.append(row)
+            if progress is not None:
+                progress(row)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if should_stop is not None and should_stop():
+                control.should_training_stop = True
+
+    return Report()
+
+
 def train(
     config: TextGRPOConfig,
     prompts: Sequence[str],
@@ -112,71 +183,32 @@ def run_online(
     with our config, prompts and reward callables. ``resume_from``: a checkpoint (``checkpoint-<step>``
     written by this run, with the optimizer, scheduler and RNG states TRL saves) to continue from."""
     import datasets
-    from transformers import AutoTokenizer, TrainerCallback
 
     config.validate()
     if not prompts:
         raise ValueError("no prompts to sample from")
-    path = Path(config.policy)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not a transformers model directory (no config.json)")
+    path, tokenizer = load_policy_tokenizer(config)
     out = Path(output_dir)
     result = TextGRPOResult(output_dir=out)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.eos_token is None:
-        raise ValueError(f"{path}: the tokenizer has no eos_token, so a completion could never end")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    batch = config.prompts_per_step * config.num_generations
     args = trl_config(
-        output_dir=str(out),
-        max_steps=config.steps,
-        per_device_train_batch_size=batch,
+        **trainer_arguments(config, out),
+        per_device_train_batch_size=config.prompts_per_step * config.num_generations,
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         temperature=config.temperature,
-        learning_rate=config.learning_rate,
-        beta=config.beta,
         epsilon=config.epsilon,
-        logging_steps=1,
-        save_strategy="steps" if config.checkpoint_every else "no",
-        save_steps=config.checkpoint_every or 500,
-        report_to="none",
-        seed=config.seed,
-        use_cpu=config.device == "cpu",
-        bf16=config.dtype == "bfloat16",
-        fp16=config.dtype == "float16",
-        model_init_kwargs={"dtype": torch_dtype(config.dtype)},
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
-    peft_config = lora_config(config)
-
-    class Report(TrainerCallback):
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
-        ) -> None:
-            if not logs or "reward" not in logs:
-                return
-            row = {"step": float(state.global_step)} | {
-                ours: float(logs[k]) for k, ours in LOG_KEYS.items() if k in logs
-            }
-            result.metrics.append(row)
-            if progress is not None:
-                progress(row)
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if should_stop is not None and should_stop():
-                control.should_training_stop = True
-
+    report = report_callback(
+        result, log_keys=LOG_KEYS, marker="reward", progress=progress, should_stop=should_stop
+    )
     trainer = trl_trainer(
         model=str(path),
         reward_funcs=[_checked(f) for f in reward_funcs],
         args=args,
         train_dataset=datasets.Dataset.from_dict({"prompt": list(prompts)}),
         processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[Report()],
+        peft_config=lora_config(config),
+        callbacks=[report],
     )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_final_policy(trainer, tokenizer, out)
