@@ -70,6 +70,15 @@ class RLJob(models.Model):
         related_name="+",
         help_text="the generator version of the model it starts from (the incumbent of its feedback)",
     )
+    start_version = models.ForeignKey(
+        GeneratorVersion,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="the LoRA version on its base that it continues (a previous loop round's); "
+        "then the incumbent of its feedback",
+    )
     feedback = models.JSONField(
         null=True,
         blank=True,

@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from annotate.errors import Conflict, Invalid, NotFound
-from annotate.models import Judgment, ProjectMember, Prompt, Sample
+from annotate.models import GeneratorVersion, Judgment, ProjectMember, Prompt, Sample
 from annotate.selectors import member_role_require
 from annotate.services import generator_version_register, snapshot_build, snapshot_create
 from rewards.models import RewardModelVersion
@@ -59,6 +59,11 @@ def launch_config_check(*, project: Any, algo: Any, config: Any, field: str) -> 
     problem = _model_problem(getattr(resolved, algo.model_field), algo)
     if problem:
         raise Invalid(f"{field}.{algo.model_field}: {problem}", code="bad_model")
+    init = getattr(resolved, "init_lora", "")
+    from training.ml.diffusion.lora import LORA_WEIGHTS  # torch: loaded when checked, not at import
+
+    if init and not (Path(init) / LORA_WEIGHTS).is_file():
+        raise Invalid(f"{field}.init_lora: {init} holds no {LORA_WEIGHTS}", code="bad_model")
     return resolved
 
 
@@ -74,6 +79,7 @@ def rl_job_create(
     config: dict[str, Any],
     feedback: dict[str, Any] | None = None,
     reward: dict[str, Any] | None = None,
+    start_version: GeneratorVersion | None = None,
     dispatch: bool = True,
 ) -> RLJob:
     """Validate and queue an RL job. Refused with ``Invalid`` (nothing stored) for an unknown
@@ -90,12 +96,27 @@ def rl_job_create(
     "artifact_weight": 1.0}``, every key optional): the reward model (default: the project's active
     one), the conservative ensemble reward ``mean - k * std`` and an artifact classifier's penalty
     (``training.ml.reward``). Versions are named by their number in this project (so they are of
-    its modality) and must be of a kind that fits: refused otherwise, with nothing stored."""
+    its modality) and must be of a kind that fits: refused otherwise, with nothing stored.
+
+    ``start_version``: a LoRA version of this project on the same base model, which the job
+    continues (``init_lora``) and its feedback compares against (the loop's last good round)."""
     member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
     algo = ALGORITHMS.get(algorithm)
     if algo is None:
         raise Invalid(f"algorithm must be one of {', '.join(ALGORITHMS)}", code="bad_algorithm")
     resolved = launch_config_check(project=project, algo=algo, config=config, field="config")
+    if start_version is not None:
+        meta = start_version.metadata or {}
+        if not hasattr(resolved, "init_lora"):
+            raise Invalid(f"{algorithm} cannot continue a previous adapter", code="bad_config")
+        if meta.get("project") != project.slug or not meta.get("adapter"):
+            raise Invalid("start_version: not a LoRA version of this project", code="bad_config")
+        if str(Path(str(meta.get("base") or ""))) != str(Path(getattr(resolved, algo.model_field))):
+            raise Invalid("start_version: an adapter of another base model", code="bad_config")
+        resolved.init_lora = start_version.checkpoint
+        resolved = launch_config_check(
+            project=project, algo=algo, config=resolved.to_dict(), field="start_version"
+        )
     if not Prompt.objects.filter(project=project).exists():
         raise Invalid("the project has no prompts to sample from", code="no_prompts")
     if algo.online:
@@ -133,6 +154,7 @@ def rl_job_create(
             snapshot=snapshot,
             total_steps=_total(resolved),
             base_version=base_version_for(project=project, path=getattr(resolved, algo.model_field)),
+            start_version=start_version,
             feedback=feedback,
             created_by=actor,
         )
@@ -502,7 +524,7 @@ def _feedback_queue(job: RLJob, version: Any) -> None:
                 project=job.project,
                 actor=None,
                 version_id=version.id,
-                incumbent_id=job.base_version_id,
+                incumbent_id=job.start_version_id or job.base_version_id,
                 prompts=int(fb["prompts"]),
                 within_pairs=int(fb["within_pairs"]),
                 render=fb["render"],

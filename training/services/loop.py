@@ -6,9 +6,11 @@ round by at most one state:
 1. **waiting_for_labels**: when ``retrain_after`` new judgments arrived since the round began, a
    reward job is launched (rewards' champion/challenger decides whether its version is promoted).
 2. **reward_training**: when it ends, an RL job is launched on the project's active reward model
-   (the new version if it was promoted, else the champion), with feedback.
-3. **rl**: when it ends, its feedback sampling job (the new version's outputs against the base
-   model's on the same prompts and seeds) is the round's.
+   (the new version if it was promoted, else the champion), with feedback. It continues the adapter
+   of the last evaluated round (``start_version``), which is the round's incumbent; the first
+   round starts a fresh adapter on the base model, the incumbent.
+3. **rl**: when it ends, its feedback sampling job (the new version's outputs against the
+   incumbent's on the same prompts and seeds) is the round's.
 4. **sampling**: when the comparisons are queued, the round waits for people.
 5. **awaiting_verdicts**: with ``verdicts_needed`` verdicts on new-vs-incumbent comparisons, the
    round is evaluated: the reward model's predicted win rate of the new version next to the human
@@ -221,6 +223,14 @@ def _reward_training(config: LoopConfig, r: LoopRound, dispatch: bool) -> LoopRo
     active = RewardModelVersion.objects.filter(project=config.project, is_active=True).first()
     if active is None:
         return _fail(config, r, State.REWARD_TRAINING, "no active reward model after training")
+    # Each round builds on the last good one: its adapter is continued, and it is the incumbent.
+    last_good = (
+        LoopRound.objects.filter(project=config.project, state=State.EVALUATED, new_version__isnull=False)
+        .select_related("new_version")
+        .order_by("-number")
+        .first()
+    )
+    start = last_good.new_version if last_good is not None else None
     try:
         with transaction.atomic():
             if not _move(r, State.REWARD_TRAINING, State.RL, reason=f"RL on reward model v{active.number}"):
@@ -232,9 +242,10 @@ def _reward_training(config: LoopConfig, r: LoopRound, dispatch: bool) -> LoopRo
                 config=config.rl_config,
                 feedback=config.feedback,
                 reward={"version": active.number},
+                start_version=start,
                 dispatch=dispatch,
             )
-            LoopRound.objects.filter(id=r.id).update(rl_job=rl, incumbent=rl.base_version)
+            LoopRound.objects.filter(id=r.id).update(rl_job=rl, incumbent=rl.start_version or rl.base_version)
     except ServiceError as exc:
         r.refresh_from_db()
         return _fail(config, r, State.REWARD_TRAINING, f"RL job refused: {exc.message}")

@@ -125,6 +125,35 @@ def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path: Path) ->
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_run_continues_a_previous_runs_adapter(tmp_path: Path) -> None:
+    """``init_lora``: a run starts from a previous run's adapter (the loop's next round); an adapter
+    of another shape, or a directory without one, is refused by name."""
+    first = train(_config(iterations=1), PROMPTS, brightness, output_dir=tmp_path / "a")
+    start = _lora(first.checkpoints[0])
+    assert any(float(v.abs().max()) > 0 for k, v in start.items() if "lora_B" in k or "lora.up" in k)
+    # A tiny learning rate: the continued adapter ends where it started (a fresh one would have
+    # B = 0 and other random A), and its samples differ from a fresh adapter's.
+    cont = train(
+        _config(init_lora=str(first.checkpoints[0]), learning_rate=1e-7),
+        PROMPTS,
+        brightness,
+        output_dir=tmp_path / "b",
+    )
+    weights = _lora(cont.checkpoints[0])
+    assert weights.keys() == start.keys()
+    assert all(torch.allclose(weights[k], start[k], atol=1e-5) for k in start)
+    assert cont.metrics[0].reward_mean != first.metrics[0].reward_mean
+    with pytest.raises(ValueError, match="do not fit this adapter"):
+        train(
+            _config(init_lora=str(tmp_path / "a" / "checkpoint-1"), lora_rank=8),
+            PROMPTS,
+            brightness,
+            output_dir=tmp_path / "d",
+        )
+    with pytest.raises(ValueError, match="not a LoRA checkpoint"):
+        train(_config(init_lora=str(tmp_path)), PROMPTS, brightness, output_dir=tmp_path / "e")
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -50,6 +50,10 @@ class DDPOConfig:
     lora_alpha: int = 4
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """UNet modules that get LoRA adapters (attention projections)."""
+    init_lora: str = ""
+    """A LoRA checkpoint of this pipeline to start from (a previous round's, with the same
+    ``lora_rank``, ``lora_alpha`` and ``lora_targets``); training continues it, so every checkpoint
+    holds the whole adapter. Empty: a fresh adapter."""
     checkpoint_every: int = 0
     """Save a LoRA checkpoint every N iterations (0: only at the end)."""
     seed: int = 0

@@ -34,7 +34,13 @@ import numpy as np
 import torch
 
 from training.ml.ddpo.config import DDPOConfig
-from training.ml.diffusion.lora import add_unet_lora, resume_into, save_checkpoint, trainer_state
+from training.ml.diffusion.lora import (
+    add_unet_lora,
+    load_lora_into,
+    resume_into,
+    save_checkpoint,
+    trainer_state,
+)
 from training.ml.diffusion.sampling import (
     Rollout,
     check_rewards,
@@ -121,6 +127,8 @@ def train(
     start = 0
     if resume_from is not None:
         start = resume_into(resume_from, unet, optimizer, rng, generator)
+    elif config.init_lora:
+        load_lora_into(unet, config.init_lora)
     out = Path(output_dir)
     result = DDPOResult()
     steps_trained = max(1, math.ceil(config.sample_steps * config.timestep_fraction))

@@ -73,16 +73,26 @@ def save_checkpoint(
 
 def load_lora_into(unet: Any, directory: str | Path, *, component: str = "unet") -> None:
     """Load a checkpoint's LoRA weights into a denoiser (``component``) that already has the same
-    adapter (resuming)."""
+    adapter (resuming, or continuing a previous run's adapter); an adapter of another shape (rank,
+    targets) is refused by name rather than half loaded."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(directory) / LORA_WEIGHTS))
+    path = Path(directory) / LORA_WEIGHTS
+    if not path.is_file():
+        raise ValueError(f"{directory}: no {LORA_WEIGHTS} (not a LoRA checkpoint)")
+    weights = load_file(str(path))
     weights = {k.removeprefix(f"{component}."): v for k, v in weights.items()}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
+    try:
+        result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
+    except RuntimeError as exc:  # same modules, another rank: a size mismatch
+        raise ValueError(f"{directory}: LoRA weights that do not fit this adapter: {exc}") from exc
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"{directory}: LoRA weights that do not fit this adapter: {unexpected[:3]}")
+    missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k]
+    if missing:
+        raise ValueError(f"{directory}: LoRA weights missing for this adapter's modules: {missing[:3]}")
 
 
 def trainer_state(optimizer: Any, rng: Any, generator: torch.Generator, iteration: int) -> dict[str, Any]:
