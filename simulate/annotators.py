@@ -1,12 +1,13 @@
 """Simulated annotators: they log in with a token and judge through the same REST API as people
 (``GET next``, ``POST judgments``, ``POST skip``), fetching the media they judge from the same
-URLs the labeling page loads.
+URLs the labeling page loads (or, in tests, call the services behind those views).
 
 Each has a hidden preference over outputs (a score: higher is better), a noise rate (the verdict
 is flipped), a position bias (the left one is picked whatever it shows), a speed (mean think time)
 and may be a spammer (a random verdict every time). One implementation serves the demo
 (``manage.py simulate_annotators`` and the ``simulate.tasks.simulate_annotators`` task), the
-benches and the end-to-end tests, where the preference is the known truth.
+benches and the tests (``tests/rewards/helpers.simulate`` included), where the preference is the
+known truth.
 
 Preferences (``preference_from_spec``):
 - ``brightness``: the mean luminance of an image or of a video's frames;
@@ -15,10 +16,14 @@ Preferences (``preference_from_spec``):
 - ``keyword:<word>``: how often a text says the word (case-insensitive);
 - ``reward_model:<dir>``: a saved reward model version (``RewardFunction.from_pretrained``), the
   hidden "gold" reward.
+A ``Rule`` is a preference written as a plain rule over the shown ``Sample`` rows (their metadata,
+generator version, prompt): the known truth of a test. A profile may also judge each aspect by its
+own preference, and flag artifacts on the samples a predicate holds for.
 
 Transports: ``HttpClient`` talks to a running server (keep-alive http.client); ``DjangoClient``
 calls the Django app in-process through its whole request stack (URLs, middleware, DRF), for tests
-and Celery tasks that run beside the web process.
+and Celery tasks that run beside the web process; ``ServiceClient`` calls the labeling services
+the views call, with no request stack, for tests where the views are not what is tested.
 """
 
 from __future__ import annotations
@@ -28,17 +33,22 @@ import io
 import json
 import math
 import random
+import re
 import threading
 import time
 import urllib.parse
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from functools import cmp_to_key
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # Django may not be set up where only HttpClient is wanted (the benches)
+    from annotate.models import Sample
 
 REQUEST_TIMEOUT_S = 30.0
 MAX_FAILURES = 20  # refused submissions in a row before an annotator gives up
@@ -150,6 +160,45 @@ class GoldRewardModel:
             return self.reward(list(prompts), items)
 
 
+class RuleError(Exception):
+    """A rule answered something other than one of the two samples' ids, "tie" or "both_bad"."""
+
+
+class Rule:
+    """A preference given as a plain rule over the shown ``annotate.models.Sample`` rows, for a
+    truth that lives in the database (a sample's metadata, its generator version, its prompt):
+    ``rule(a, b)`` returns the preferred sample's id, ``"tie"`` or ``"both_bad"``. A ranking is
+    ordered by it (best first; "tie" and "both_bad" keep the shown order).
+
+    The annotator reads the rows itself and fetches no media, so it must run beside the database:
+    ``ServiceClient``, ``DjangoClient``, or ``HttpClient`` against a test's live server."""
+
+    name = "rule"
+
+    def __init__(self, rule: Callable[[Sample, Sample], int | str]) -> None:
+        self.rule = rule
+
+    def pick(self, left: Sample, right: Sample) -> str:
+        """``left``, ``right``, ``tie`` or ``both_bad``, as the rule says."""
+        verdict = self.rule(left, right)
+        if verdict in ("tie", "both_bad"):
+            return str(verdict)
+        if verdict == left.id:
+            return "left"
+        if verdict == right.id:
+            return "right"
+        raise RuleError(f"the rule answered {verdict!r} for samples {left.id} and {right.id}")
+
+    def rank(self, shown: Sequence[Sample]) -> list[int]:
+        """The shown samples' ids, best first."""
+        order = {"left": -1, "right": 1}
+
+        def compare(a: Sample, b: Sample) -> int:
+            return order.get(self.pick(a, b), 0)
+
+        return [s.id for s in sorted(shown, key=cmp_to_key(compare))]
+
+
 def preference_from_spec(spec: str) -> Preference:
     """A preference from its spec (see the module docstring); ``ValueError`` names what is wrong."""
     kind, _, arg = spec.partition(":")
@@ -258,18 +307,92 @@ class DjangoClient:
         pass
 
 
+class ServiceClient:
+    """The labeling services the views call (``labeling_next``, ``labeling_submit``,
+    ``assignment_skip``), in-process with no request stack: the same three operations, JSON bodies
+    and refusals (a ``ServiceError`` as the status and error body the API sends) as the REST API,
+    at the cost of the SQL alone. For tests that need judged comparisons where the views are not
+    what is tested; it answers only the paths a ``SimulatedAnnotator`` uses.
+
+    Like any service caller it is trusted: ``source`` is taken as sent, and ``fetch`` reads a
+    sample's file from storage without the media view's membership check."""
+
+    _LABELING = re.compile(r"/api/projects/(?P<slug>[^/]+)/(?P<op>next|judgments|skip)/(?:\?(?P<query>.*))?")
+    _MEDIA = re.compile(r"/media/samples/(?P<id>\d+)(?:\?.*)?")
+
+    def __init__(self, annotator: Any) -> None:
+        self.annotator = annotator
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        from annotate import selectors, services
+        from annotate.errors import NotFound, ServiceError
+
+        m = self._LABELING.fullmatch(path)
+        b = body or {}
+        try:
+            if m is None or (method == "GET") != (m["op"] == "next"):
+                raise NotFound(f"{method} {path} is not a labeling operation")
+            slug = m["slug"]
+            if m["op"] == "next":
+                query = urllib.parse.parse_qs(m["query"] or "")
+                n = int(query.get("n", ["1"])[0])
+                return 200, json.loads(services.labeling_next(slug=slug, annotator=self.annotator, n=n))
+            if m["op"] == "judgments":
+                done = services.labeling_submit(
+                    slug=slug,
+                    annotator=self.annotator,
+                    assignment_id=int(b["assignment"]),
+                    choice=b.get("choice"),
+                    ranking=b.get("ranking"),
+                    aspects=b.get("aspects") or {},
+                    rationale=str(b.get("rationale", "")),
+                    artifacts=b.get("artifacts") or [],
+                    time_spent_ms=int(b.get("time_spent_ms", 0)),
+                    idempotency_key=str(b.get("idempotency_key", "")),
+                    source=str(b.get("source") or "api"),  # a token client's default
+                )
+                return (201 if done.created else 200), json.loads(done.body)
+            project, _ = selectors.project_for_member(slug=slug, user=self.annotator)
+            a = services.assignment_skip(
+                project=project, annotator=self.annotator, assignment_id=int(b["assignment"])
+            )
+            return 200, {"assignment": a.id, "status": a.status}
+        except ServiceError as exc:
+            return exc.status, {"error": {"code": exc.code, "message": exc.message, "details": exc.details}}
+
+    def fetch(self, path: str) -> bytes:
+        from annotate.models import Sample
+
+        m = self._MEDIA.fullmatch(path)
+        sample = Sample.objects.filter(id=int(m["id"])).first() if m else None
+        if sample is None or not sample.media:
+            raise OSError(f"GET {path}: 404")
+        with sample.media.open("rb") as fh:
+            return bytes(fh.read())
+
+    def close(self) -> None:
+        pass
+
+
 # --- The annotator ------------------------------------------------------------------------------
 @dataclass
 class Profile:
     """How one simulated annotator judges."""
 
-    preference: Preference
-    noise: float = 0.0  # probability that a verdict is flipped
+    preference: Preference | Rule
+    noise: float = 0.0  # probability that a verdict is flipped (never a tie or both_bad)
     position_bias: float = 0.0  # probability of picking the left output whatever it shows
     think_ms: float = 0.0  # mean time spent per judgment (exponential), slept before submitting
     spammer: bool = False  # a random verdict every time
     tie_margin: float = 0.0  # scores this close are a tie (where the project allows ties)
     seed: int = 0
+    # Per-aspect outcomes (pairwise projects). None: every aspect gets the overall verdict. A
+    # mapping: each aspect it names is judged by its own preference (and noise), the others are
+    # left unanswered, as a person may leave them.
+    aspects: Mapping[str, Preference | Rule] | None = None
+    # Flags every shown sample it holds for with ``artifact_tags`` (reads the rows, like ``Rule``).
+    artifacts: Callable[[Sample], bool] | None = None
+    artifact_tags: tuple[str, ...] = ("blur",)
 
     def __post_init__(self) -> None:
         for name in ("noise", "position_bias"):
@@ -299,6 +422,7 @@ class SimulatedAnnotator:
         self.rng = random.Random(profile.seed)
         self._stop = threading.Event()
         self._media: dict[str, Output] = {}
+        self._rows: dict[int, Sample] = {}
         self.result = Result()  # updated as it goes (read by progress reports)
 
     def stop(self) -> None:
@@ -314,37 +438,106 @@ class SimulatedAnnotator:
             self._media[url] = decode(str(sample["modality"]), self.client.fetch(url))
         return self._media[url]
 
-    def verdict(self, item: dict[str, Any], options: dict[str, Any], mode: str) -> dict[str, Any]:
-        """The judgment body for one lease (without assignment, key and timing)."""
+    def _shown(self, item: dict[str, Any]) -> list[Sample]:
+        """The shown samples as ``Sample`` rows, in shown order (for rules and artifact flags).
+        Kept for the run like decoded media: a sample comes back in many comparisons, and its
+        row (with the related rows a rule reads) does not change while it is judged."""
+        from annotate.models import Sample
+
+        ids = [int(s["id"]) for s in item["samples"]]
+        if missing := [i for i in ids if i not in self._rows]:
+            if len(self._rows) > 4096:
+                self._rows.clear()
+            self._rows |= Sample.objects.in_bulk(missing)
+        return [self._rows[i] for i in ids]
+
+    def _pick(
+        self,
+        preference: Preference | Rule,
+        item: dict[str, Any],
+        options: dict[str, Any],
+        shown: Callable[[], list[Sample]],
+    ) -> str:
+        """The pairwise verdict ``preference`` gives, before noise."""
+        if isinstance(preference, Rule):
+            left_row, right_row = shown()[:2]
+            return preference.pick(left_row, right_row)
+        outs = [self._output(s) for s in item["samples"][:2]]
+        prompt = str((item.get("prompt") or {}).get("text") or "")
+        left, right = preference.scores([prompt, prompt], outs)
+        if options.get("tie") and abs(left - right) <= self.profile.tie_margin:
+            return "tie"
+        return "left" if left > right else "right" if right > left else self.rng.choice(["left", "right"])
+
+    def _noisy(self, pick: str) -> str:
+        """``pick``, flipped with probability ``noise``; a tie or both_bad never is."""
+        if pick in ("left", "right") and self.rng.random() < self.profile.noise:
+            return "right" if pick == "left" else "left"
+        return pick
+
+    def verdict(
+        self,
+        item: dict[str, Any],
+        options: dict[str, Any],
+        mode: str,
+        aspects: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
+        """The judgment body for one lease (without assignment, key and timing): the choice or the
+        ranking, the outcome for each of the project's ``aspects``, the artifact flags.
+
+        Random draws, in this order: the spammer's verdict; the position bias (only where it is
+        above 0); a coin for equal scores; the noise of the verdict, then of each aspect judged on
+        its own, in the project's order (only for a left/right verdict). So a profile without
+        bias draws once per flippable verdict, as ``tests/rewards/helpers.simulate`` always did."""
         p, rng = self.profile, self.rng
-        samples = item["samples"]
+        rows: list[Sample] = []
+
+        def shown() -> list[Sample]:  # read at most once per lease, and only when asked for
+            if not rows:
+                rows.extend(self._shown(item))
+            return rows
+
+        body: dict[str, Any]
         if mode == "ranking":
-            ids = [int(s["id"]) for s in samples]
+            ids = [int(s["id"]) for s in item["samples"]]
             if p.spammer:
                 rng.shuffle(ids)
-                return {"ranking": ids}
-            outs = [self._output(s) for s in samples]
-            prompt = str((item.get("prompt") or {}).get("text") or "")
-            scores = p.preference.scores([prompt] * len(outs), outs)
-            ranked = [i for _, i in sorted(zip(scores, ids, strict=True), key=lambda t: -t[0])]
-            for k in range(len(ranked) - 1):  # noise: neighbours swapped
-                if rng.random() < p.noise:
-                    ranked[k], ranked[k + 1] = ranked[k + 1], ranked[k]
-            return {"ranking": ranked}
-        choices = ["left", "right"] + (["tie"] if options.get("tie") else [])
-        if p.spammer:
-            return {"choice": rng.choice(choices)}
-        if rng.random() < p.position_bias:
-            return {"choice": "left"}
-        outs = [self._output(s) for s in samples[:2]]
-        prompt = str((item.get("prompt") or {}).get("text") or "")
-        left, right = p.preference.scores([prompt, prompt], outs)
-        if options.get("tie") and abs(left - right) <= p.tie_margin:
-            return {"choice": "tie"}
-        pick = "left" if left > right else "right" if right > left else rng.choice(["left", "right"])
-        if rng.random() < p.noise:
-            pick = "right" if pick == "left" else "left"
-        return {"choice": pick}
+                body = {"ranking": ids}
+            else:
+                if isinstance(p.preference, Rule):
+                    ranked = p.preference.rank(shown())
+                else:
+                    outs = [self._output(s) for s in item["samples"]]
+                    prompt = str((item.get("prompt") or {}).get("text") or "")
+                    scores = p.preference.scores([prompt] * len(outs), outs)
+                    ranked = [i for _, i in sorted(zip(scores, ids, strict=True), key=lambda t: -t[0])]
+                for k in range(len(ranked) - 1):  # noise: neighbours swapped
+                    if rng.random() < p.noise:
+                        ranked[k], ranked[k + 1] = ranked[k + 1], ranked[k]
+                body = {"ranking": ranked}
+        else:
+            choices = ["left", "right"] + (["tie"] if options.get("tie") else [])
+            own_aspects = p.aspects
+            if p.spammer:
+                choice, own_aspects = rng.choice(choices), None
+            elif p.position_bias and rng.random() < p.position_bias:
+                choice, own_aspects = "left", None
+            else:
+                choice = self._noisy(self._pick(p.preference, item, options, shown))
+            body = {"choice": choice}
+            keys = [str(a["key"]) for a in aspects]
+            if own_aspects is None:
+                if keys and choice in ("left", "right", "tie"):
+                    body["aspects"] = {k: choice for k in keys}
+            elif judged := [k for k in keys if k in own_aspects]:
+                body["aspects"] = {
+                    k: self._noisy(self._pick(own_aspects[k], item, options, shown)) for k in judged
+                }
+        if p.artifacts is not None:
+            flags = [{"sample": s.id, "tags": list(p.artifact_tags)} for s in shown() if p.artifacts(s)]
+            if flags:
+                body["artifacts"] = flags
+        return body
 
     def run(self, *, max_labels: int | None = None, idle_polls: int = 3, idle_wait_s: float = 0.2) -> Result:
         res = self.result = Result()
@@ -382,7 +575,7 @@ class SimulatedAnnotator:
             item = pending.pop(0)
             started = time.monotonic()
             try:
-                body = self.verdict(item, options, str(mode or "pairwise"))
+                body = self.verdict(item, options, str(mode or "pairwise"), aspects)
             except (OSError, ValueError) as exc:  # media that cannot be fetched or decoded: skip it
                 errors[f"media:{type(exc).__name__}"] += 1
                 code, _ = self.client.request(
@@ -390,8 +583,6 @@ class SimulatedAnnotator:
                 )
                 res.skips += int(code == 200)
                 continue
-            if aspects and body.get("choice") in ("left", "right", "tie"):
-                body["aspects"] = {a["key"]: body["choice"] for a in aspects}
             if self.profile.think_ms:
                 time.sleep(self.rng.expovariate(1.0 / self.profile.think_ms) / 1000)
             body |= {

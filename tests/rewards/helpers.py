@@ -1,7 +1,8 @@
 """Projects with judged comparisons for reward-model tests, made through the real services.
 
-A simulated annotator judges through ``assignment_next`` + ``judgment_submit`` exactly like a
-person would, following a hidden rule with some label noise."""
+``simulate`` is the simulated annotator of ``simulate.annotators`` with a rule over Sample rows
+as its hidden preference and some label noise, judging through the labeling services the REST
+views call (``sim.ServiceClient``): fast enough for the many tests that need judged projects."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from annotate import services
-from annotate.models import Judgment, Project, Sample
+from annotate.models import Project, Sample
+from simulate import annotators as sim
 
 
 def noise_png(brightness: int, seed: int, size: int = 32) -> bytes:
@@ -74,42 +76,28 @@ def simulate(
     aspects: Callable[[Sample, Sample], dict[str, int | str]] | None = None,
     artifacts: Callable[[Sample], bool] | None = None,
 ) -> int:
-    """Judge every comparison ``annotator`` can get. ``rule`` returns the winner's sample id (or
-    ``"tie"``); with probability ``noise`` the verdict is flipped. Returns judgments made."""
-    rng = random.Random(seed)
-    made = 0
-    while limit is None or made < limit:
-        leases = services.assignment_next(project=project, annotator=annotator, n=20)
-        if not leases:
-            break
-        for lease in leases:
-            shown = [int(s) for s in lease.display_order]
-            samples = {s.id: s for s in Sample.objects.filter(id__in=shown)}
-            left, right = samples[shown[0]], samples[shown[1]]
+    """Judge every comparison ``annotator`` can get (at most ``limit``) with the one simulated
+    annotator (``simulate.annotators``), through the labeling services. ``rule`` returns the
+    winner's sample id (or ``"tie"``, ``"both_bad"``); with probability ``noise`` a verdict is
+    flipped (seeded by ``seed``); ``aspects`` gives each aspect's verdict the same way, noise
+    included; ``artifacts`` picks the shown samples to flag ``blur``. Returns judgments made."""
+    keys = [str(a["key"]) for a in project.aspects]
+    profile = sim.Profile(
+        sim.Rule(rule),
+        noise=noise,
+        seed=seed,
+        # No callable: no aspect outcomes at all (not the overall verdict copied to each).
+        aspects={} if aspects is None else {k: sim.Rule(_aspect(aspects, k)) for k in keys},
+        artifacts=artifacts,
+    )
+    judge = sim.SimulatedAnnotator(sim.ServiceClient(annotator), project.slug, profile)
+    # Stop at the first empty lease and never wait: a refusal is a bug in the test, shown at once.
+    result = judge.run(max_labels=limit, idle_polls=1, idle_wait_s=0.0)
+    assert not result.errors, result.errors
+    return result.labels
 
-            def choice(verdict: int | str, left_id: int = left.id) -> str:
-                if verdict in ("tie", "both_bad"):
-                    return str(verdict)
-                pick = "left" if verdict == left_id else "right"
-                if rng.random() < noise:
-                    pick = "right" if pick == "left" else "left"
-                return pick
 
-            flags = [
-                {"sample": s.id, "tags": ["blur"]}
-                for s in (left, right)
-                if artifacts is not None and artifacts(s)
-            ]
-            services.judgment_submit(
-                project=project,
-                annotator=annotator,
-                assignment_id=lease.id,
-                choice=choice(rule(left, right)),
-                aspects={k: choice(v) for k, v in aspects(left, right).items()} if aspects else None,
-                artifacts=flags,
-                source=Judgment.Source.SIMULATED,
-            )
-            made += 1
-            if limit is not None and made >= limit:
-                break
-    return made
+def _aspect(
+    aspects: Callable[[Sample, Sample], dict[str, int | str]], key: str
+) -> Callable[[Sample, Sample], int | str]:
+    return lambda a, b: aspects(a, b)[key]
