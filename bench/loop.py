@@ -1,19 +1,21 @@
 """The closed loop on CPU (not a test): wall time and labels per round, and the true score per round.
 
-A fresh image project of random-pattern images is judged by simulated annotators whose hidden
-truth is brightness (through the REST API, in-process); the loop controller
-(``training.services.loop``) is switched on with DDPO on a tiny SD-like pipeline built from a
-config, and ticked until ``--rounds`` rounds are evaluated or flagged. The jobs each tick launches
-run here, one after the other (as a worker would run them), so every phase is timed.
+A fresh copy of the loop demo that `make demo` seeds (``--generator demo``: the demo's trained
+text-to-image model, its first outputs, its loop settings), or a project of random-pattern images
+with a tiny random SD-like pipeline (``--generator tiny``), is judged by a simulated annotator
+whose hidden truth is brightness (through the REST API, in-process); the loop controller
+(``training.services.loop``) is ticked until ``--rounds`` rounds are evaluated or flagged. The
+jobs each tick launches run here, one after the other (as a worker would run them), so every phase
+is timed.
 
-    .venv/bin/python bench/loop.py                       # 2 rounds
-    .venv/bin/python bench/loop.py --rounds 3 --iterations 20
+    .venv/bin/python bench/loop.py                       # 3 rounds of the demo
+    .venv/bin/python bench/loop.py --generator tiny --rounds 2
 
 Reports per round: seconds per phase (labels, reward training, RL, sampling, verdicts), labels
 used, the reward model's held-out accuracy, the predicted and the human win rate of the new
-version against the base, and the true brightness of the new and the base outputs on the same
-prompts and seeds. Each round's RL job starts from the base pipeline (rounds do not yet build on
-the previous round's adapter), so a later round differs by its reward model (more labels).
+version against the incumbent, and the true brightness of the new, the incumbent and the base
+outputs on the same prompts and seeds. Each round continues the last evaluated round's adapter,
+so the true score should climb round after round.
 """
 
 from __future__ import annotations
@@ -37,13 +39,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--labels", type=int, default=40, help="new judgments before each round trains")
     parser.add_argument("--verdicts", type=int, default=8, help="verdicts on the new version per round")
-    parser.add_argument("--iterations", type=int, default=12, help="DDPO iterations per round")
+    parser.add_argument(
+        "--iterations", type=int, default=0, help="DDPO iterations per round (default: the demo's 8, tiny 12)"
+    )
     parser.add_argument("--noise", type=float, default=0.1, help="share of the annotators' verdicts flipped")
     parser.add_argument(
         "--slug", default="", help="the project's slug (default: bench-loop-<time>, a new one)"
+    )
+    parser.add_argument(
+        "--generator",
+        choices=["demo", "tiny"],
+        default="demo",
+        help="demo: the demo's trained text-to-image model and its loop settings (as make demo); "
+        "tiny: a tiny random SD-like pipeline on random-pattern images",
     )
     args = parser.parse_args(argv)
 
@@ -54,61 +65,39 @@ def main(argv: list[str] | None = None) -> None:
     from django.contrib.auth import get_user_model
     from PIL import Image
 
-    from annotate import services as annotate_services
     from annotate.models import Project, Sample
     from rewards import services as reward_services
     from rewards.models import RewardModelVersion
     from simulate import annotators as sim
+    from simulate.demo import demo_loop_seed
     from simulate.services import simulated_annotators_ensure
-    from simulate.tiny_models import tiny_sd_pipeline
     from training import services
-    from training.models import LoopRound, SamplingJob
+    from training.models import LoopConfig, LoopRound, SamplingJob
 
     print(f"machine: {annotation_load.machine_info()}")
-    work = Path(tempfile.mkdtemp(prefix="loop-bench-"))
-    pipe = tiny_sd_pipeline(work / "sd")
     owner, _ = get_user_model().objects.update_or_create(
         username="bench-loop-manager", defaults={"is_staff": True}
     )
     slug = args.slug or f"bench-loop-{int(time.time())}"
     if Project.objects.filter(slug=slug).exists():
         raise SystemExit(f"project {slug} exists: pick another --slug")
-    project = annotate_services.project_create(creator=owner, slug=slug, name="Loop bench", modality="image")
-    rng = np.random.default_rng(0)
-    for p in range(4):
-        for i in range(10):
-            level = int(rng.integers(20, 256))
-            arr = (rng.random((32, 32, 3)) * level).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="PNG")
-            buf.seek(0)
-            annotate_services.sample_create_media(
-                project=project,
-                actor=owner,
-                file=buf,
-                filename=f"{p}-{i}.png",
-                prompt=f"a picture number {p}",
+    t = time.perf_counter()
+    if args.generator == "demo":
+        project = demo_loop_seed(
+            owner=owner, slug=slug, retrain_after=args.labels, verdicts_needed=args.verdicts,
+            max_rounds=args.rounds,
+        )  # fmt: skip
+        if args.iterations:
+            LoopConfig.objects.filter(project=project).update(
+                rl_config={**project.loop.rl_config, "iterations": args.iterations}
             )
-    annotate_services.comparisons_create_random_pairs(
-        project=project, actor=owner, pairs_per_prompt=40, seed=0
-    )
+    else:
+        project = _tiny_project(owner, slug, args)
+    print(f"seeded in {time.perf_counter() - t:.1f} s (the demo generator is trained once, under var/)")
     ((_, token),) = simulated_annotators_ensure(project=project, actor=owner, count=1)
     judge = sim.SimulatedAnnotator(
         sim.DjangoClient(token), project.slug, sim.Profile(sim.Brightness(), noise=args.noise)
     )
-    ddpo = {
-        "pipeline": str(pipe), "iterations": args.iterations, "prompts_per_iteration": 4, "images_per_prompt": 16,
-        "train_batch_size": 32, "sample_steps": 4, "resolution": 8, "inner_epochs": 2, "learning_rate": 1e-2,
-        "guidance_scale": 1.0, "lora_rank": 8, "lora_alpha": 16,
-        "lora_targets": ["to_q", "to_k", "to_v", "to_out.0", "time_emb_proj", "conv_out"],
-    }  # fmt: skip
-    services.loop_config_set(
-        project=project, actor=owner, algorithm="ddpo", rl_config=ddpo,
-        feedback={"prompts": 4, "within_pairs": 0, "render": {"per_prompt": 2, "steps": 4, "guidance_scale": 1.0,
-                                                               "resolution": 16}},
-        reward_hyperparameters={"epochs": 5}, retrain_after=args.labels,
-        verdicts_needed=args.verdicts, max_rounds=args.rounds,
-    )  # fmt: skip
 
     def brightness(ids: set[int]) -> float:
         values = []
@@ -166,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                 "holdout_accuracy": (version.metrics or {}).get("holdout_accuracy") if version else None,
                 "predicted": r.predicted_win_rate, "human": r.human_win_rate,
                 "new": brightness({int(s) for _, _, s in job.outputs["new"]}),
-                "base": brightness({int(s) for _, _, s in job.outputs["incumbent"]}),
+                "incumbent": brightness({int(s) for _, _, s in job.outputs["incumbent"]}),
                 **{f"{k}_s": v for k, v in times.items()},
             }
         )  # fmt: skip
@@ -175,11 +164,56 @@ def main(argv: list[str] | None = None) -> None:
             f"round {number} {row['state']}: {sum(times.values()):.1f} s "
             + " ".join(f"{k} {v:.1f}" for k, v in times.items())
             + f"; labels {labels}; held-out accuracy {row['holdout_accuracy']}; predicted {row['predicted']}; "
-            f"human {row['human']}; true brightness new {row['new']:.4f} vs base {row['base']:.4f}"
+            f"human {row['human']}; true brightness new {row['new']:.4f} vs incumbent {row['incumbent']:.4f}"
         )
         if r.state != LoopRound.State.EVALUATED:
             print(f"round {number} stopped the loop: {r.reason}")
             break
+
+
+def _tiny_project(owner: Any, slug: str, args: argparse.Namespace) -> Any:
+    """Random-pattern images and a tiny random SD-like pipeline: the loop's mechanics, fast."""
+    import numpy as np
+    from PIL import Image
+
+    from annotate import services as annotate_services
+    from simulate.tiny_models import tiny_sd_pipeline
+    from training import services
+
+    pipe = tiny_sd_pipeline(Path(tempfile.mkdtemp(prefix="loop-bench-")) / "sd")
+    project = annotate_services.project_create(creator=owner, slug=slug, name="Loop bench", modality="image")
+    rng = np.random.default_rng(0)
+    for p in range(4):
+        for i in range(10):
+            level = int(rng.integers(20, 256))
+            arr = (rng.random((32, 32, 3)) * level).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG")
+            buf.seek(0)
+            annotate_services.sample_create_media(
+                project=project,
+                actor=owner,
+                file=buf,
+                filename=f"{p}-{i}.png",
+                prompt=f"a picture number {p}",
+            )
+    annotate_services.comparisons_create_random_pairs(
+        project=project, actor=owner, pairs_per_prompt=40, seed=0
+    )
+    ddpo = {
+        "pipeline": str(pipe), "iterations": args.iterations or 12, "prompts_per_iteration": 4,
+        "images_per_prompt": 16, "train_batch_size": 32, "sample_steps": 4, "resolution": 8, "inner_epochs": 2,
+        "learning_rate": 1e-2, "guidance_scale": 1.0, "lora_rank": 8, "lora_alpha": 16,
+        "lora_targets": ["to_q", "to_k", "to_v", "to_out.0", "time_emb_proj", "conv_out"],
+    }  # fmt: skip
+    services.loop_config_set(
+        project=project, actor=owner, algorithm="ddpo", rl_config=ddpo,
+        feedback={"prompts": 4, "within_pairs": 0, "render": {"per_prompt": 2, "steps": 4, "guidance_scale": 1.0,
+                                                               "resolution": 16}},
+        reward_hyperparameters={"epochs": 5}, retrain_after=args.labels,
+        verdicts_needed=args.verdicts, max_rounds=args.rounds,
+    )  # fmt: skip
+    return project
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -21,10 +22,11 @@ from annotate.errors import Invalid
 from annotate.models import ProjectMember, Sample
 from rewards import services as reward_services
 from rewards.models import RewardTrainingJob
+from simulate.tiny_models import tiny_sd_pipeline
 from tests.rewards.helpers import brighter, simulate
 from tests.training.test_jobs import _config
 from training import services
-from training.models import LoopConfig, LoopRound
+from training.models import LoopConfig, LoopRound, RLJob
 from training.services import loop as loop_services
 
 pytestmark = pytest.mark.django_db
@@ -40,7 +42,9 @@ def _loop(project: Any, manager: Any, **kw: Any) -> LoopConfig:
     )  # fmt: skip
 
 
-def _more_judgments(project: Any, manager: Any, make_user: Any, name: str, n: int) -> None:
+def _more_judgments(
+    project: Any, manager: Any, make_user: Any, name: str, n: int, rule: Any = brighter
+) -> None:
     judge = make_user(name)
     annotate_services.project_member_set(
         project=project, actor=manager, user=judge, role=ProjectMember.Role.ANNOTATOR
@@ -48,7 +52,7 @@ def _more_judgments(project: Any, manager: Any, make_user: Any, name: str, n: in
     annotate_services.comparisons_create_random_pairs(
         project=project, actor=manager, pairs_per_prompt=8, seed=7
     )
-    assert simulate(project, judge, brighter, limit=n) == n
+    assert simulate(project, judge, rule, limit=n) == n
 
 
 def _tick(project: Any) -> LoopRound:
@@ -91,7 +95,7 @@ def _prefer(new: bool) -> Any:
     return rule
 
 
-def test_a_round_from_labels_to_evaluation(project: Any, manager: Any, make_user: Any) -> None:
+def test_a_round_from_labels_to_evaluation(project: Any, manager: Any, make_user: Any, tmp_path: Any) -> None:
     _loop(project, manager)
     r = _to_awaiting_verdicts(project, manager, make_user)
     assert _tick(project).verdicts == 0  # nobody judged the round yet
@@ -107,8 +111,45 @@ def test_a_round_from_labels_to_evaluation(project: Any, manager: Any, make_user
     assert [h["state"] for h in r.history] == [
         "waiting_for_labels", "reward_training", "rl", "sampling", "awaiting_verdicts", "evaluated",
     ]  # fmt: skip
+    # The page: the reward model's accuracy per round, and before/after on the same prompts and seeds.
+    from django.test import Client
+
+    web = Client()
+    web.force_login(manager)
+    page = web.get(f"/projects/{project.slug}/loop/").content.decode()
+    assert "Reward model accuracy, per round" in page and "Before and after" in page
+    job = r.sampling_job
+    assert job is not None
+    shown = {int(s) for s in re.findall(r'src="/media/samples/(\d+)"', page)}
+    first_seed = {(p, s, i) for p, s, i in job.outputs["new"] + job.outputs["incumbent"] if s == 0}
+    assert shown == {i for _, _, i in first_seed} and len(shown) == 2 * 2  # 2 prompts x (base, round 1)
     r2 = _tick(project)  # the next round begins
     assert (r2.number, r2.state) == (2, "waiting_for_labels")
+    # It builds on round 1: its RL job continues round 1's adapter, which is its incumbent.
+    _more_judgments(project, manager, make_user, "judge4", 6, rule=_prefer(new=True))
+    r2 = _tick(project)
+    assert r2.state == "reward_training" and r2.reward_job is not None
+    assert reward_services.reward_job_run(job_id=r2.reward_job.id).status == "succeeded"
+    r2 = _tick(project)
+    assert r2.state == "rl" and r2.rl_job is not None and r.new_version is not None
+    assert r2.rl_job.start_version == r.new_version and r2.incumbent == r.new_version
+    assert r2.rl_job.config["init_lora"] == r.new_version.checkpoint
+    assert r.rl_job is not None and r2.rl_job.base_version == r.rl_job.base_version  # the same base
+    # Only an adapter of this project on the same base can be continued; nothing is stored otherwise.
+    jobs = RLJob.objects.count()
+    with pytest.raises(Invalid, match="not a LoRA version of this project"):
+        services.rl_job_create(
+            project=project, actor=manager, algorithm="ddpo", config=_config(iterations=1),
+            start_version=r.incumbent, dispatch=False,
+        )  # fmt: skip
+    with pytest.raises(Invalid, match="an adapter of another base model"):
+        services.rl_job_create(
+            project=project, actor=manager, algorithm="ddpo",
+            config=_config(iterations=1, pipeline=str(tiny_sd_pipeline(tmp_path / "other"))),
+            start_version=r.new_version,
+            dispatch=False,
+        )  # fmt: skip
+    assert RLJob.objects.count() == jobs
 
 
 def test_the_guard_flags_a_round_people_do_not_prefer_and_stops_the_loop(

@@ -43,7 +43,18 @@ class Command(BaseCommand):
             help="gunicorn workers (default: cores + 1)",
         )
         parser.add_argument("--no-worker", action="store_true", help="do not start Celery worker and beat")
-        parser.add_argument("--seed-demo", action="store_true", help="seed the demo project first")
+        parser.add_argument(
+            "--seed-demo",
+            action="store_true",
+            help="seed the demo projects first (the loop demo's generator trains on the first run), "
+            "and run the loop demo's simulated annotators beside the server",
+        )
+        parser.add_argument(
+            "--demo-annotators",
+            type=int,
+            default=int(os.environ.get("RL_DEMO_ANNOTATORS", "3")),
+            help="with --seed-demo: simulated annotators judging the loop demo (0: none)",
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -57,7 +68,7 @@ class Command(BaseCommand):
             self.stdout.write("Applying migrations...")
             call_command("migrate", interactive=False, verbosity=0)
             if opts["seed_demo"]:
-                call_command("seed_demo")
+                call_command("seed_demo", loop=True)
             # Our own connection is not needed by the children; close it before forking.
             from django.db import connections
 
@@ -68,6 +79,7 @@ class Command(BaseCommand):
             self.stdout.write(f"  API docs: {url}api/docs/   admin: {url}admin/")
             if opts["seed_demo"]:
                 self.stdout.write("  demo login: demo / demo")
+                self.stdout.write(f"  the loop at work: {url}projects/loop/loop/  (README: what to look at)")
             self.stdout.write("Press Ctrl-C to stop everything.\n")
             code = self._supervise()
         finally:
@@ -151,6 +163,18 @@ class Command(BaseCommand):
                     "django_celery_beat.schedulers:DatabaseScheduler",
                 ],
             )
+        if opts["seed_demo"] and opts["demo_annotators"] > 0:
+            # The loop demo's simulated annotators judge over HTTP like people (the command is the
+            # simulate app's; `up` only names it).
+            self._spawn(
+                "annotators",
+                [
+                    py, "manage.py", "simulate_annotators", "--project", "loop", "--follow",
+                    "--url", f"http://{opts['host']}:{opts['port']}",
+                    "--annotators", str(opts["demo_annotators"]), "--think-ms", "1500", "--noise", "0.1",
+                    "--preference", "brightness",
+                ],
+            )  # fmt: skip
 
     def _supervise(self) -> int:
         while not self.stopping:

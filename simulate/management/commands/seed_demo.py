@@ -49,6 +49,17 @@ class Command(BaseCommand):
             default=None,
             help="prompts per modality (default all 8); fewer seed faster (tests, quick looks)",
         )
+        parser.add_argument(
+            "--loop",
+            action="store_true",
+            help="also the loop demo project: trains the demo generator on first use (a few minutes, "
+            "cached under var/demo_models), renders its first outputs and switches the loop on",
+        )
+        parser.add_argument(
+            "--quick-generator",
+            action="store_true",
+            help="with --loop: a rough demo generator trained in seconds (tests)",
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         User = get_user_model()
@@ -58,6 +69,8 @@ class Command(BaseCommand):
         if created:
             user.set_password(opts["password"])
             user.save()
+        if opts["loop"]:
+            self._seed_loop(user, quick=opts["quick_generator"])
         project = Project.objects.filter(slug=opts["slug"]).first()
         if project is not None and Comparison.objects.filter(project=project).exists():
             self.stdout.write(f"demo project {project.slug!r} already seeded")
@@ -123,5 +136,31 @@ class Command(BaseCommand):
             self.style.SUCCESS(
                 f"seeded project {project.slug!r}: {project.samples.count()} samples, "
                 f"{len(created_cmp)} comparisons"
+            )
+        )
+
+    def _seed_loop(self, user: Any, *, quick: bool) -> None:
+        from simulate import demo, demo_models
+
+        if Project.objects.filter(slug=demo.SLUG).exists():
+            self.stdout.write(f"loop demo project {demo.SLUG!r} already seeded")
+            return
+        bars: dict[str, tqdm] = {}
+
+        def progress(phase: str, step: int, steps: int) -> None:
+            if phase not in bars:
+                bars[phase] = tqdm(total=steps, desc=f"training the demo generator: {phase}", unit="step")
+            bars[phase].update(step - bars[phase].n)
+
+        if not (demo.demo_generator_path() / demo_models.DONE_FILE).is_file() and not quick:
+            self.stdout.write("Training the demo text-to-image generator (first run only, a few minutes)...")
+        try:
+            project = demo.demo_loop_seed(owner=user, quick=quick, progress=progress)
+        finally:
+            for bar in bars.values():
+                bar.close()
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"seeded loop demo {project.slug!r}: {project.samples.count()} samples, loop on"
             )
         )

@@ -5,6 +5,8 @@ position bias and speed; a share of them may be spammers. Over HTTP against a ru
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -13,6 +15,8 @@ from tqdm import tqdm
 from annotate.errors import ServiceError
 from annotate.models import Project
 from simulate.services import simulated_annotators_run
+
+_FOLLOW_WAIT_S = 3.0  # with --follow, between looks at an empty queue
 
 
 class Command(BaseCommand):
@@ -41,24 +45,44 @@ class Command(BaseCommand):
             "--url", default="", help="a running server, e.g. http://127.0.0.1:8000 (default: in-process)"
         )
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--follow",
+            action="store_true",
+            help="keep going: when nothing is left to judge, wait for new comparisons (Ctrl-C stops)",
+        )
 
     def handle(self, *args: Any, **o: Any) -> None:
         project = Project.objects.filter(slug=o["project"]).first()
         if project is None:
             raise CommandError(f"no project {o['project']!r}")
-        total = o["labels"] * o["annotators"] if o["labels"] else None
+        total = o["labels"] * o["annotators"] if o["labels"] and not o["follow"] else None
         bar = tqdm(total=total, unit="label", desc=f"{o['annotators']} simulated annotators")
+        before = [0]  # judgments of the earlier passes (with --follow)
+        totals: dict[str, Any] = {"judgments": 0, "skips": 0, "errors": {}}
+        stop = threading.Event()
+        if o["follow"]:
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            out = simulated_annotators_run(
-                project_id=project.id, annotators=o["annotators"], preference=o["preference"],
-                noise=o["noise"], position_bias=o["position_bias"], spammers=o["spammers"],
-                think_ms=o["think_ms"], labels=o["labels"], seed=o["seed"], url=o["url"],
-                progress=lambda done: bar.update(done - bar.n),
-            )  # fmt: skip
+            while True:
+                out = simulated_annotators_run(
+                    project_id=project.id, annotators=o["annotators"], preference=o["preference"],
+                    noise=o["noise"], position_bias=o["position_bias"], spammers=o["spammers"],
+                    think_ms=o["think_ms"], labels=o["labels"], seed=o["seed"], url=o["url"],
+                    progress=lambda done: bar.update(before[0] + done - bar.n),
+                )  # fmt: skip
+                before[0] = bar.n
+                totals["judgments"] += out["judgments"]
+                totals["skips"] += out["skips"]
+                for k, v in out["errors"].items():
+                    totals["errors"][k] = totals["errors"].get(k, 0) + v
+                if not o["follow"] or stop.wait(_FOLLOW_WAIT_S):
+                    break
         except ServiceError as exc:
             raise CommandError(exc.message) from exc
+        except KeyboardInterrupt:
+            pass
         finally:
             bar.close()
         self.stdout.write(
-            f"{out['judgments']} judgments, {out['skips']} skips, errors {out['errors'] or 'none'}"
+            f"{totals['judgments']} judgments, {totals['skips']} skips, errors {totals['errors'] or 'none'}"
         )

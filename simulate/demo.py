@@ -1,0 +1,142 @@
+"""The loop demo: a project whose generator is the demo text-to-image model, judged by simulated
+annotators who prefer brighter pictures, with the closed loop switched on.
+
+``demo_loop_seed`` trains the demo generator on first use (cached under ``var/demo_models``),
+registers it as the project's base version, renders its first outputs through a sampling job (the
+same path an RL round's feedback takes) so people and simulated annotators have comparisons to
+judge, and sets the loop: DDPO rounds sized for a 2-core CPU (about a minute of RL each).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+
+from annotate import services as annotate_services
+from annotate.models import Project, ProjectMember
+from simulate import demo_models
+from training.services.loop import loop_config_set
+from training.services.sampling import (
+    generator_model_register,
+    sampling_job_create,
+    sampling_job_queue,
+    sampling_job_render,
+)
+
+SLUG = "loop"
+PREFERENCE = "brightness"
+
+INSTRUCTIONS = """\
+# Which picture is brighter?
+
+This project's simulated annotators prefer **brighter, lighter** pictures; judge the same way and
+your verdicts count like theirs. The loop trains a reward model on everyone's verdicts, fine-tunes
+the generator with it (DDPO), then shows you the new version's pictures against the old one's on the
+same prompt and seed: your verdicts on those decide whether the round helped.
+
+Keys: `←`/`1` left, `→`/`2` right, `↑`/`3` tie, `↓`/`4` both bad, `s` skip, `u` undo.
+"""
+
+# What the base model renders and what each RL round renders for the verdicts: the same settings,
+# so new and old differ only by the adapter.
+RENDER = {"per_prompt": 6, "steps": 20, "guidance_scale": 3.0, "resolution": 32, "batch_size": 24}
+RENDER_QUICK = {**RENDER, "per_prompt": 3, "steps": 2}  # tests: the same path, a fraction of the work
+
+# Bolder than DDPO's defaults (lr 3e-4, clip 1e-4), so a round moves the generator visibly in
+# about 20 s of CPU: with a perfect brightness reward, 16 such iterations took the demo model's mean
+# brightness from 0.490 to 0.518 on its own prompts and seeds (the defaults: 0.495).
+DDPO = {
+    "iterations": 8, "prompts_per_iteration": 4, "images_per_prompt": 8, "train_batch_size": 16,
+    "sample_steps": 10, "guidance_scale": 3.0, "resolution": 32, "timestep_fraction": 0.5,
+    "inner_epochs": 1, "learning_rate": 1e-2, "clip_range": 1e-2, "lora_rank": 4, "lora_alpha": 8,
+    "lora_targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+}  # fmt: skip
+
+
+def demo_generator_path() -> Path:
+    return Path(settings.VAR_DIR) / "demo_models" / "text-to-image"
+
+
+def demo_generator_ensure(*, quick: bool = False, progress: demo_models.Progress | None = None) -> Path:
+    """The trained demo text-to-image pipeline, trained now if ``var/`` has none (a few minutes on
+    2 cores; ``quick`` trains a rough one in seconds, for tests)."""
+    path = demo_generator_path()
+    if quick:
+        path = path.with_name("text-to-image-quick")
+    done = path / demo_models.DONE_FILE
+    if done.is_file():
+        return path
+    if quick:
+        return demo_models.train_text_to_image(
+            path, vae_steps=10, unet_steps=10, per_prompt=2, progress=progress
+        )
+    return demo_models.train_text_to_image(path, progress=progress)
+
+
+def demo_loop_seed(
+    *,
+    owner: Any,
+    slug: str = SLUG,
+    quick: bool = False,
+    progress: demo_models.Progress | None = None,
+    retrain_after: int = 40,
+    verdicts_needed: int = 12,
+    max_rounds: int = 6,
+) -> Project:
+    """Create the loop demo project (idempotent: an existing one is returned as it is). The loop's
+    pace: a round starts after ``retrain_after`` new judgments and is evaluated on
+    ``verdicts_needed`` verdicts, up to ``max_rounds`` rounds."""
+    project = Project.objects.filter(slug=slug).first()
+    if project is not None:
+        return project
+    path = demo_generator_ensure(quick=quick, progress=progress)
+    render = RENDER_QUICK if quick else RENDER
+    prompts = list(json.loads((path / demo_models.DONE_FILE).read_text())["prompts"])
+    with transaction.atomic():
+        project = annotate_services.project_create(
+            creator=owner,
+            slug=slug,
+            name="Loop demo: the generator learns what annotators like",
+            modality="image",
+            instructions=INSTRUCTIONS,
+            aspects=[],
+            overlap=1,
+        )
+        ProjectMember.objects.get_or_create(project=project, user=owner, defaults={"role": "manager"})
+        for text in prompts:
+            annotate_services.prompt_get_or_create(project=project, text=text)
+        base = generator_model_register(
+            project=project,
+            actor=owner,
+            # Version names are global: another copy (the bench's) names its own generator.
+            generator="demo-t2i" if slug == SLUG else f"demo-t2i-{slug}",
+            version="base",
+            path=str(path),
+        )
+        job = sampling_job_create(
+            project=project,
+            actor=owner,
+            version_id=base.id,
+            prompts=len(prompts),
+            within_pairs=12 if not quick else 3,
+            render=render,
+            dispatch=False,
+        )
+    sampling_job_render(job_id=job.id)
+    sampling_job_queue(job_id=job.id)
+    loop_config_set(
+        project=project,
+        actor=owner,
+        algorithm="ddpo",
+        rl_config={**DDPO, "pipeline": str(path)},
+        feedback={"prompts": len(prompts), "within_pairs": 1, "render": render},
+        reward_hyperparameters={"epochs": 20},
+        retrain_after=retrain_after,
+        verdicts_needed=verdicts_needed,
+        max_rounds=max_rounds,
+    )
+    return project
