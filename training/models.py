@@ -234,7 +234,10 @@ class LoopRound(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="loop_rounds")
     number = models.PositiveIntegerField()
     state = models.CharField(max_length=20, choices=State.choices, default=State.WAITING_FOR_LABELS)
-    judgments_at_start = models.PositiveIntegerField(help_text="the project's judgments when the round began")
+    judgments_at_start = models.PositiveIntegerField(
+        help_text="the project's judgments the last reward model could have seen (those before the last "
+        "round's reward job; all of them for the first round): the rest are new"
+    )
     reward_job = models.ForeignKey(
         "rewards.RewardTrainingJob", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -19,7 +19,7 @@ import pytest
 
 from annotate import services as annotate_services
 from annotate.errors import Invalid
-from annotate.models import ProjectMember, Sample
+from annotate.models import Judgment, ProjectMember, Sample
 from rewards import services as reward_services
 from rewards.models import RewardTrainingJob
 from simulate.tiny_models import tiny_sd_pipeline
@@ -125,6 +125,12 @@ def test_a_round_from_labels_to_evaluation(project: Any, manager: Any, make_user
     assert shown == {i for _, _, i in first_seed} and len(shown) == 2 * 2  # 2 prompts x (base, round 1)
     r2 = _tick(project)  # the next round begins
     assert (r2.number, r2.state) == (2, "waiting_for_labels")
+    # Its new labels: everything after round 1's reward job, round 1's verdicts included.
+    assert r.reward_job is not None
+    seen = Judgment.objects.filter(project=project, created_at__lt=r.reward_job.created_at).count()
+    assert r2.judgments_at_start == seen == r.judgments_at_start + 6
+    new = Judgment.objects.filter(project=project).count() - seen
+    assert new == Judgment.objects.filter(annotator=judge).count() > r.verdicts  # all of judge3's
     # It builds on round 1: its RL job continues round 1's adapter, which is its incumbent.
     _more_judgments(project, manager, make_user, "judge4", 6, rule=_prefer(new=True))
     r2 = _tick(project)

@@ -3,8 +3,9 @@ round by at most one state:
 
     waiting_for_labels -> reward_training -> rl -> sampling -> awaiting_verdicts -> evaluated | flagged
 
-1. **waiting_for_labels**: when ``retrain_after`` new judgments arrived since the round began, a
-   reward job is launched (rewards' champion/challenger decides whether its version is promoted).
+1. **waiting_for_labels**: when ``retrain_after`` new judgments arrived since the last round's
+   reward job was launched (the last round's verdicts count), a reward job is launched (rewards'
+   champion/challenger decides whether its version is promoted).
 2. **reward_training**: when it ends, an RL job is launched on the project's active reward model
    (the new version if it was promoted, else the champion), with feedback. It continues the adapter
    of the last evaluated round (``start_version``), which is the round's incumbent; the first
@@ -175,11 +176,22 @@ def _round_start(config: LoopConfig) -> LoopRound | None:
             return LoopRound.objects.create(
                 project=project,
                 number=(last.number + 1) if last else 1,
-                judgments_at_start=Judgment.objects.filter(project=project).count(),
+                judgments_at_start=_labels_seen(project, last),
                 history=[{"state": State.WAITING_FOR_LABELS, "at": timezone.now().isoformat()}],
             )
     except IntegrityError:  # another tick started it (the one-open-round constraint)
         return LoopRound.objects.filter(project=project, state__in=LoopRound.OPEN).first()
+
+
+def _labels_seen(project: Any, last: LoopRound | None) -> int:
+    """The judgments the last reward model could have learned from: those made before the last
+    round's reward job was launched. Everything after, the last round's verdicts on its new
+    version included, is new to the next one; so the verdicts feed the next round, and a loop
+    whose annotators judged everything in sight does not wait for labels that cannot come."""
+    judgments = Judgment.objects.filter(project=project)
+    if last is not None and last.reward_job is not None:
+        judgments = judgments.filter(created_at__lt=last.reward_job.created_at)
+    return judgments.count()
 
 
 def _waiting_for_labels(config: LoopConfig, r: LoopRound, dispatch: bool) -> LoopRound:
