@@ -156,6 +156,10 @@ def test_a_round_from_labels_to_evaluation(project: Any, manager: Any, make_user
             dispatch=False,
         )  # fmt: skip
     assert RLJob.objects.count() == jobs
+    # A round people did not prefer (the guard let it pass: its interval reached 1/2) is not built on.
+    assert loop_services.last_good_round(project) == r
+    LoopRound.objects.filter(id=r.id).update(human_win_rate=0.45)
+    assert loop_services.last_good_round(project) is None
 
 
 def test_the_guard_flags_a_round_people_do_not_prefer_and_stops_the_loop(

@@ -8,8 +8,8 @@ round by at most one state:
    champion/challenger decides whether its version is promoted).
 2. **reward_training**: when it ends, an RL job is launched on the project's active reward model
    (the new version if it was promoted, else the champion), with feedback. It continues the adapter
-   of the last evaluated round (``start_version``), which is the round's incumbent; the first
-   round starts a fresh adapter on the base model, the incumbent.
+   of the last good round (``last_good_round``: evaluated, and people preferred it), which is the
+   round's incumbent; without one it starts a fresh adapter on the base model, the incumbent.
 3. **rl**: when it ends, its feedback sampling job (the new version's outputs against the
    incumbent's on the same prompts and seeds) is the round's.
 4. **sampling**: when the comparisons are queued, the round waits for people.
@@ -222,6 +222,21 @@ def _waiting_for_labels(config: LoopConfig, r: LoopRound, dispatch: bool) -> Loo
     return r
 
 
+def last_good_round(project: Any) -> LoopRound | None:
+    """The round the next one builds on (its adapter continued, its version the incumbent): the
+    last evaluated round that people preferred to its incumbent (human win rate at least 1/2). A
+    round the guard let pass with people against it (an interval still reaching 1/2) is not built
+    on; None: start from the base model."""
+    return (
+        LoopRound.objects.filter(
+            project=project, state=State.EVALUATED, new_version__isnull=False, human_win_rate__gte=0.5
+        )
+        .select_related("new_version")
+        .order_by("-number")
+        .first()
+    )
+
+
 def _reward_training(config: LoopConfig, r: LoopRound, dispatch: bool) -> LoopRound:
     from training.services.jobs import rl_job_create
 
@@ -235,13 +250,7 @@ def _reward_training(config: LoopConfig, r: LoopRound, dispatch: bool) -> LoopRo
     active = RewardModelVersion.objects.filter(project=config.project, is_active=True).first()
     if active is None:
         return _fail(config, r, State.REWARD_TRAINING, "no active reward model after training")
-    # Each round builds on the last good one: its adapter is continued, and it is the incumbent.
-    last_good = (
-        LoopRound.objects.filter(project=config.project, state=State.EVALUATED, new_version__isnull=False)
-        .select_related("new_version")
-        .order_by("-number")
-        .first()
-    )
+    last_good = last_good_round(config.project)
     start = last_good.new_version if last_good is not None else None
     try:
         with transaction.atomic():
