@@ -25,7 +25,7 @@ from training.ml.configs import ConfigError
 from training.ml.ddpo.config import DDPOConfig
 from training.ml.ddpo.trainer import train
 from training.ml.diffusion.ddim import ddim_step_with_logprob
-from training.ml.diffusion.lora import LORA_WEIGHTS, RUN_CONFIG
+from training.ml.diffusion.lora import LORA_WEIGHTS, RUN_CONFIG, add_unet_lora, save_checkpoint
 
 PROMPTS = ["a red square", "a blue circle", "a green star"]
 
@@ -107,6 +107,25 @@ def test_one_iteration_is_on_policy_changes_the_weights_and_loads_into_plain_dif
     pipe.load_lora_weights(str(ckpt))
     tuned = pipe("a red square", generator=torch.Generator().manual_seed(1), **kwargs).images
     assert base.shape == tuned.shape and not np.allclose(base, tuned)
+
+
+def test_a_checkpoint_loads_whole_into_plain_diffusers_with_convolutions_targeted(tmp_path: Path) -> None:
+    """LoRA on attention and on convolutions (the demo's targets): plain ``load_lora_weights``
+    loads every one of the checkpoint's layers with its values, not only some of them."""
+    pipe = StableDiffusionPipeline.from_pretrained(str(_pipeline_dir()), local_files_only=True)
+    add_unet_lora(pipe.unet, rank=4, alpha=8, targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.01)
+    save_checkpoint(StableDiffusionPipeline, pipe.unet, tmp_path / "ckpt", config={})
+    saved = _lora(tmp_path / "ckpt")
+    plain = StableDiffusionPipeline.from_pretrained(str(_pipeline_dir()), local_files_only=True)
+    plain.load_lora_weights(str(tmp_path / "ckpt"))
+    loaded = {n: p for n, p in plain.unet.named_parameters() if "lora_B" in n}
+    ours = {n: p for n, p in pipe.unet.named_parameters() if "lora_B" in n}
+    assert len(loaded) == len(ours) == len([k for k in saved if "lora_B" in k]) == 48
+    by_module = {n.split(".lora_B")[0]: p for n, p in loaded.items()}
+    assert all(torch.equal(by_module[n.split(".lora_B")[0]], p) for n, p in ours.items())
 
 
 def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path: Path) -> None:

@@ -49,14 +49,15 @@ def save_checkpoint(
     ``transformer`` for SD3- and Wan-like pipelines), the run's config, ``state`` for resuming and
     any other text ``files`` to ``directory`` atomically: a sibling temporary directory, renamed at
     the end."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     target = Path(directory)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # peft's own key names, as diffusers' current LoRA scripts save them: converted to diffusers'
+    # old names, LoRA on convolutions keeps peft's names and plain load_lora_weights then loads
+    # only those, silently dropping the attention layers' LoRA.
+    layers = get_peft_model_state_dict(unet)
     pipeline_cls.save_lora_weights(
         save_directory=str(tmp), **{f"{component}_lora_layers": layers}, safe_serialization=True
     )
