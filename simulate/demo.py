@@ -4,7 +4,7 @@ annotators who prefer brighter pictures, with the closed loop switched on.
 ``demo_loop_seed`` trains the demo generator on first use (cached under ``var/demo_models``),
 registers it as the project's base version, renders its first outputs through a sampling job (the
 same path an RL round's feedback takes) so people and simulated annotators have comparisons to
-judge, and sets the loop: DDPO rounds sized for a 2-core CPU (about a minute of RL each).
+judge, and sets the loop: DDPO rounds sized for a 2-core CPU (about 20 s of RL each).
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from training.services.sampling import (
     sampling_job_render,
 )
 
-SLUG = "loop"
-PREFERENCE = "brightness"
+SLUG = "loop"  # `up --seed-demo` names it (and the brightness preference) for its annotators
 
 INSTRUCTIONS = """\
 # Which picture is brighter?

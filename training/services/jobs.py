@@ -59,12 +59,15 @@ def launch_config_check(*, project: Any, algo: Any, config: Any, field: str) -> 
     problem = _model_problem(getattr(resolved, algo.model_field), algo)
     if problem:
         raise Invalid(f"{field}.{algo.model_field}: {problem}", code="bad_model")
-    init = getattr(resolved, "init_lora", "")
+    _init_lora_check(getattr(resolved, "init_lora", ""), field=field)
+    return resolved
+
+
+def _init_lora_check(init: str, *, field: str) -> None:
     from training.ml.diffusion.lora import LORA_WEIGHTS  # torch: loaded when checked, not at import
 
     if init and not (Path(init) / LORA_WEIGHTS).is_file():
         raise Invalid(f"{field}.init_lora: {init} holds no {LORA_WEIGHTS}", code="bad_model")
-    return resolved
 
 
 def _total(config: Any) -> int:
@@ -113,10 +116,8 @@ def rl_job_create(
             raise Invalid("start_version: not a LoRA version of this project", code="bad_config")
         if str(Path(str(meta.get("base") or ""))) != str(Path(getattr(resolved, algo.model_field))):
             raise Invalid("start_version: an adapter of another base model", code="bad_config")
+        _init_lora_check(start_version.checkpoint, field="start_version")
         resolved.init_lora = start_version.checkpoint
-        resolved = launch_config_check(
-            project=project, algo=algo, config=resolved.to_dict(), field="start_version"
-        )
     if not Prompt.objects.filter(project=project).exists():
         raise Invalid("the project has no prompts to sample from", code="no_prompts")
     if algo.online:
