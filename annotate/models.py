@@ -203,6 +203,11 @@ class Comparison(models.Model):
     )
     samples = models.ManyToManyField(Sample, through="ComparisonSample", related_name="comparisons")
     priority = models.FloatField(default=0.0)
+    priority_fixed = models.BooleanField(
+        default=False,
+        help_text="Served in the order its priority sets; active learning leaves it alone (the loop's "
+        "new-vs-incumbent verdicts, which must be a fair sample of the round's outputs).",
+    )
     origin = models.CharField(max_length=10, choices=Origin.choices, default=Origin.EXPLICIT)
     origin_round = models.PositiveIntegerField(null=True, blank=True)
     overlap = models.PositiveSmallIntegerField(default=1, help_text="Judgments wanted.")

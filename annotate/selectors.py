@@ -192,7 +192,8 @@ def judgments_for_comparison(*, comparison: Comparison) -> QuerySet[Judgment]:
 
 
 def comparisons_open_pairs(*, project_id: int, created_after: Any = None) -> list[tuple[int, int, int]]:
-    """The open, non-gold pairwise comparisons of a project (those active learning reorders), as
+    """The open, non-gold pairwise comparisons of a project whose priority is not fixed (those
+    active learning reorders), as
     (comparison id, lower sample id, higher sample id); only those created after
     ``created_after`` when it is given."""
     from django.db import connection
@@ -202,7 +203,7 @@ def comparisons_open_pairs(*, project_id: int, created_after: Any = None) -> lis
             """
             SELECT c.id, min(cs.sample_id), max(cs.sample_id)
             FROM annotate_comparison c JOIN annotate_comparisonsample cs ON cs.comparison_id = c.id
-            WHERE c.project_id = %s AND c.status = 'open' AND NOT c.is_gold
+            WHERE c.project_id = %s AND c.status = 'open' AND NOT c.is_gold AND NOT c.priority_fixed
               AND (%s::timestamptz IS NULL OR c.created_at > %s::timestamptz)
             GROUP BY c.id HAVING count(*) = 2
             """,

@@ -418,7 +418,8 @@ def comparisons_create(
 ) -> list[Comparison]:
     """Create comparisons from explicit sample lists, all or nothing.
 
-    Each spec: ``{"samples": [id, ...], "priority": 0.0, "overlap": None, "gold_answer": None}``.
+    Each spec: ``{"samples": [id, ...], "priority": 0.0, "overlap": None, "gold_answer": None}``,
+    and ``"priority_fixed": True`` for a priority active learning must leave alone.
     ``actor=None`` is for internal callers (the loop, imports)."""
     if actor is not None:
         member_role_require(project=project, user=actor, roles=(ProjectMember.Role.MANAGER,))
@@ -449,6 +450,7 @@ def comparisons_create(
             project=project,
             prompt_id=prompts.pop(),
             priority=float(spec.get("priority") or 0.0),
+            priority_fixed=bool(spec.get("priority_fixed", False)),
             origin=origin,
             origin_round=origin_round,
             overlap=overlap,
@@ -969,8 +971,9 @@ def snapshot_build(*, snapshot_id: int, progress: Any = None) -> DatasetSnapshot
 def comparison_priorities_set(*, project_id: int, priorities: Sequence[tuple[int, float]]) -> int:
     """Set the priority of open comparisons of a project (``next`` serves the highest first), as
     (comparison id, priority) pairs; comparisons no longer open, or of another project, are left
-    alone. Returns how many rows changed. This is how other apps (rewards' active learning)
-    reorder the queue: they never write annotate's tables themselves."""
+    alone, and so are those whose priority is fixed. Returns how many rows changed. This is how
+    other apps (rewards' active learning) reorder the queue: they never write annotate's tables
+    themselves."""
     if not priorities:
         return 0
     ids = [int(c) for c, _ in priorities]
@@ -980,8 +983,18 @@ def comparison_priorities_set(*, project_id: int, priorities: Sequence[tuple[int
             """
             UPDATE annotate_comparison c SET priority = v.p
             FROM unnest(%s::bigint[], %s::float8[]) AS v(id, p)
-            WHERE c.id = v.id AND c.project_id = %s AND c.status = 'open'
+            WHERE c.id = v.id AND c.project_id = %s AND c.status = 'open' AND NOT c.priority_fixed
             """,
             [ids, values, project_id],
         )
         return cur.rowcount
+
+
+def comparison_priorities_release(
+    *, project_id: int, comparison_ids: Sequence[int], priority: float = 0.0
+) -> int:
+    """Hand fixed-priority comparisons back to active learning: their priority becomes ``priority``
+    (until the next reordering sets theirs) and no longer fixed. Returns how many changed."""
+    return Comparison.objects.filter(
+        project_id=project_id, id__in=[int(c) for c in comparison_ids], priority_fixed=True
+    ).update(priority_fixed=False, priority=float(priority))

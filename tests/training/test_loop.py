@@ -19,7 +19,7 @@ import pytest
 
 from annotate import services as annotate_services
 from annotate.errors import Invalid
-from annotate.models import Judgment, ProjectMember, Sample
+from annotate.models import Comparison, Judgment, ProjectMember, Sample
 from rewards import services as reward_services
 from rewards.models import RewardTrainingJob
 from simulate.tiny_models import tiny_sd_pipeline
@@ -99,6 +99,9 @@ def test_a_round_from_labels_to_evaluation(project: Any, manager: Any, make_user
     _loop(project, manager)
     r = _to_awaiting_verdicts(project, manager, make_user)
     assert _tick(project).verdicts == 0  # nobody judged the round yet
+    # Its versus comparisons are served first, in their fixed order, until the verdicts are in.
+    fixed = Comparison.objects.filter(project=project, origin="loop", priority_fixed=True)
+    assert fixed.count() == 4 and all(c.priority > 10 for c in fixed)
     judge = make_user("judge3")
     annotate_services.project_member_set(
         project=project, actor=manager, user=judge, role=ProjectMember.Role.ANNOTATOR
@@ -106,6 +109,7 @@ def test_a_round_from_labels_to_evaluation(project: Any, manager: Any, make_user
     simulate(project, judge, _prefer(new=True), noise=0.0)  # the new version wins every time
     r = _tick(project)
     assert r.state == "evaluated" and r.verdicts == 4 and r.human_win_rate == 1.0
+    assert not fixed.all().exists()  # handed back to active learning (a fresh query)
     assert r.predicted_win_rate is not None and 0.0 < r.predicted_win_rate < 1.0
     assert r.human_ci_low is not None and 0.5 < r.human_ci_low < 1.0 and r.human_ci_high == 1.0
     assert [h["state"] for h in r.history] == [

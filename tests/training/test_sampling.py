@@ -18,9 +18,11 @@ import pytest
 from annotate.errors import Forbidden, Invalid, NotFound
 from annotate.models import Comparison, GeneratorVersion, Sample
 from rewards.models import RewardModelVersion, SampleScore
+from rewards.services import comparison_priorities_update
 from simulate.tiny_models import tiny_causal_lm, tiny_sd_pipeline
 from training import services
 from training.models import RLJob, SamplingJob
+from training.services.sampling import VERSUS_PRIORITY
 
 pytestmark = pytest.mark.django_db
 
@@ -89,7 +91,26 @@ def test_a_round_renders_scores_and_queues_comparisons(
     assert len(vs) == 4 and len(within) == 2
     assert all(a.metadata["seed"] == b.metadata["seed"] for a, b in vs)  # the same starting noise
     assert all(a.generator_version_id == tuned.id for a, b in within)
-    assert all(c.priority > 0 for c in comps)  # from the reward model's uncertainty, not the default 0
+    # The versus comparisons come first, in a fixed order that covers every prompt before any
+    # prompt's second seed (the guard's first verdicts are a fair sample); the within-group pairs
+    # get the reward model's uncertainty (not the default 0), below them.
+    versus = sorted(
+        (c for c in comps if len({s.generator_version_id for s in c.samples.all()}) == 2),
+        key=lambda c: -c.priority,
+    )
+    assert all(c.priority_fixed and c.priority > VERSUS_PRIORITY for c in versus)
+    assert len({c.priority for c in versus}) == 4
+    assert {c.prompt_id for c in versus[:2]} == {c.prompt_id for c in versus[2:]} and len(
+        {c.prompt_id for c in versus[:2]}
+    ) == 2
+    others = [c for c in comps if c not in versus]
+    assert all(not c.priority_fixed and 0 < c.priority <= 2 for c in others)
+    # Active learning reorders the within-group pairs only.
+    before = {c.id: c.priority for c in comps}
+    assert comparison_priorities_update(version=active) == 2
+    for c in comps:
+        c.refresh_from_db()
+    assert {c.id: c.priority for c in versus} == {c.id: before[c.id] for c in versus}
     # The queue step is claimed: running it again queues nothing twice.
     assert services.sampling_job_queue(job_id=job.id).comparisons_created == 6
     assert Comparison.objects.filter(project=project, origin="loop").count() == 6

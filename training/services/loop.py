@@ -13,7 +13,8 @@ round by at most one state:
 3. **rl**: when it ends, its feedback sampling job (the new version's outputs against the
    incumbent's on the same prompts and seeds) is the round's.
 4. **sampling**: when the comparisons are queued, the round waits for people.
-5. **awaiting_verdicts**: with ``verdicts_needed`` verdicts on new-vs-incumbent comparisons, the
+5. **awaiting_verdicts**: with ``verdicts_needed`` verdicts on new-vs-incumbent comparisons (served
+   first, in an order fair to every prompt, which active learning leaves alone until then), the
    round is evaluated: the reward model's predicted win rate of the new version next to the human
    win rate (ties half) and its 95% Wilson interval. The **guard** flags reward hacking when the
    human rate falls short of the predicted one by more than ``guard_margin`` or its interval lies
@@ -36,6 +37,7 @@ from django.utils import timezone
 from annotate.errors import Invalid, NotFound, ServiceError
 from annotate.models import Comparison, Judgment, ProjectMember
 from annotate.selectors import member_role_require
+from annotate.services import comparison_priorities_release
 from rewards.models import RewardModelVersion, RewardTrainingJob
 from training.algorithms import ALGORITHMS
 from training.models import LoopConfig, LoopRound, SamplingJob
@@ -391,12 +393,26 @@ def _awaiting_verdicts(config: LoopConfig, r: LoopRound, dispatch: bool) -> Loop
         reason = "reward hacking suspected: " + "; ".join(hacked) + ". The incumbent stays; the loop stopped."
         if _move(r, State.AWAITING_VERDICTS, State.FLAGGED, reason=reason, **fields):
             _stop(config, f"round {r.number} flagged: {reason}")
+            _versus_release(r)
         return r
-    _move(
+    if _move(
         r, State.AWAITING_VERDICTS, State.EVALUATED,
         reason=f"people preferred the new version {human:.0%} of the time ({low:.0%}-{high:.0%})", **fields,
-    )  # fmt: skip
+    ):  # fmt: skip
+        _versus_release(r)
     return r
+
+
+def _versus_release(r: LoopRound) -> None:
+    """With its verdicts in, the round's versus comparisons still open go back to active learning
+    (they were served first, in a fixed order fair to every prompt: ``sampling._versus_order``)."""
+    job = r.sampling_job
+    if job is None:
+        return
+    ids = Comparison.objects.filter(
+        project_id=r.project_id, origin=Comparison.Origin.LOOP, origin_round=job.round, priority_fixed=True
+    ).values_list("id", flat=True)
+    comparison_priorities_release(project_id=r.project_id, comparison_ids=list(ids))
 
 
 def loop_tick_all(*, dispatch: bool = True) -> list[int]:

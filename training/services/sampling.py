@@ -5,8 +5,9 @@
 - ``sampling_job_create`` -> ``sampling_job_render`` (``gpu`` queue) -> ``sampling_job_queue``
   (``default`` queue): render a version's outputs for a set of prompts into samples, with the seed
   and settings in each sample's metadata, score them under the project's active reward model, then
-  queue comparisons (the new version against the incumbent on the same prompt and seed, and pairs
-  within the new version's group) with active-learning priorities, tagged with the round.
+  queue comparisons, tagged with the round: the new version against the incumbent on the same
+  prompt and seed (first, in a fixed order fair to every prompt), and pairs within the new
+  version's group (with active-learning priorities).
 
 Rendering is idempotent: a version's sample for (prompt, seed, settings) that is already stored is
 reused, so a job requeued after its worker died renders only what is missing, and the incumbent's
@@ -341,10 +342,35 @@ def sampling_job_render(*, job_id: int) -> SamplingJob:
     return job
 
 
+# The new-vs-incumbent comparisons are served before everything else, in their own order.
+VERSUS_PRIORITY = 10.0  # above any active-learning priority (uncertainty in [0, 1] + 2 x spread)
+
+
+def _versus_order(job: SamplingJob, pairs: list[tuple[int, int, int, int]]) -> list[tuple[int, int]]:
+    """The new-vs-incumbent pairs ``(prompt, seed, new, incumbent)`` in the order people should see
+    them: round-robin over the prompts (in a shuffled order), each prompt's seeds shuffled. The guard
+    judges a round on the first verdicts, so those must be a fair sample of its outputs: ordered by
+    the reward model's uncertainty, they fell on the few prompts where it was unsure, which said
+    nothing of the round (a version brighter on average was flagged). Reproducible per job."""
+    rng = random.Random(f"versus:{job.id}")
+    by_prompt: dict[int, list[tuple[int, int]]] = {}
+    for p, _s, mine, inc in sorted(pairs):
+        by_prompt.setdefault(p, []).append((mine, inc))
+    prompts = sorted(by_prompt)
+    rng.shuffle(prompts)
+    for p in prompts:
+        rng.shuffle(by_prompt[p])
+    order: list[tuple[int, int]] = []
+    for depth in range(max((len(v) for v in by_prompt.values()), default=0)):
+        order.extend(by_prompt[p][depth] for p in prompts if depth < len(by_prompt[p]))
+    return order
+
+
 def _specs(job: SamplingJob) -> tuple[list[dict[str, Any]], int]:
     new = {(p, s): i for p, s, i in job.outputs.get("new", [])}
     specs: list[dict[str, Any]] = []
     identical = 0
+    versus: list[tuple[int, int, int, int]] = []
     for p, s, inc in job.outputs.get("incumbent", []):
         mine = new.get((p, s))
         if mine is None:
@@ -352,7 +378,11 @@ def _specs(job: SamplingJob) -> tuple[list[dict[str, Any]], int]:
         if mine == inc:  # the same bytes: one sample, nothing to judge
             identical += 1
             continue
-        specs.append({"samples": [mine, inc]})
+        versus.append((p, s, mine, inc))
+    order = _versus_order(job, versus)
+    for k, (mine, inc) in enumerate(order):
+        priority = VERSUS_PRIORITY + (len(order) - k) / (len(order) + 1)
+        specs.append({"samples": [mine, inc], "priority": priority, "priority_fixed": True})
     groups: dict[int, list[int]] = {}
     for (p, _s), i in sorted(new.items()):
         if i not in groups.setdefault(p, []):
@@ -366,9 +396,11 @@ def _specs(job: SamplingJob) -> tuple[list[dict[str, Any]], int]:
 
 def sampling_job_queue(*, job_id: int) -> SamplingJob:
     """Queue a rendered job's comparisons (new vs incumbent on the same prompt and seed, then
-    ``within_pairs`` pairs per prompt within the new group), tagged ``loop`` with the job's round,
-    with priorities from the active reward model's uncertainty; all in one transaction, claimed so a
-    second run of the task queues nothing twice."""
+    ``within_pairs`` pairs per prompt within the new group), tagged ``loop`` with the job's round;
+    all in one transaction, claimed so a second run of the task queues nothing twice. The versus
+    comparisons come first, in a fixed prompt-stratified order (``_versus_order``) that active
+    learning leaves alone until the loop has its verdicts; the within-group pairs get priorities
+    from the active reward model's uncertainty."""
     from rewards.services.scoring import comparison_priorities_update
 
     with transaction.atomic():
