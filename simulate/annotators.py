@@ -13,6 +13,7 @@ Preferences (``preference_from_spec``):
 - ``brightness``: the mean luminance of an image or of a video's frames;
 - ``color:#rrggbb``: closeness of the mean colour to that colour;
 - ``length``: a text's length in characters;
+- ``structure``: a tidy text: markdown list items, headings and code fences, less rambling fillers;
 - ``keyword:<word>``: how often a text says the word (case-insensitive);
 - ``reward_model:<dir>``: a saved reward model version (``RewardFunction.from_pretrained``), the
   hidden "gold" reward.
@@ -142,6 +143,28 @@ class Keyword:
         return [float(o.text.casefold().count(w)) for o in outputs]
 
 
+# Lines that give an answer structure: list items, headings, code fences (markdown).
+_STRUCTURED_LINE = re.compile(r"^\s*(?:[-*+] |\d+[.)] |#{1,6} |```)")
+# Rambling that says nothing (the noisy answers of ``simulate.generators.compose_text`` use these).
+_FILLERS = ("basically", "anyway", "as i said", "to reiterate", "it is important to note", "kind of", "!!")
+
+
+@dataclass
+class Structure:
+    """A tidy answer: +1 for each markdown list item, heading or code fence line, -1 for each
+    filler ("basically", "anyway", "!!", ...). The text loop demo's annotators judge by it."""
+
+    name: str = "structure"
+
+    def scores(self, prompts: Sequence[str], outputs: Sequence[Output]) -> list[float]:
+        out = []
+        for o in outputs:
+            text = o.text.casefold()
+            lines = sum(1 for line in o.text.splitlines() if _STRUCTURED_LINE.match(line))
+            out.append(float(lines - sum(text.count(f) for f in _FILLERS)))
+        return out
+
+
 class GoldRewardModel:
     """A saved reward model version as the hidden truth (loaded once, shared by threads)."""
 
@@ -206,6 +229,8 @@ def preference_from_spec(spec: str) -> Preference:
         return Brightness()
     if kind == "length" and not arg:
         return Length()
+    if kind == "structure" and not arg:
+        return Structure()
     if kind == "keyword" and arg.strip():
         return Keyword(arg.strip())
     if kind == "color":
@@ -217,7 +242,8 @@ def preference_from_spec(spec: str) -> Preference:
     if kind == "reward_model" and arg:
         return GoldRewardModel(arg)
     raise ValueError(
-        f"unknown preference {spec!r}: brightness, color:#rrggbb, length, keyword:<word> or reward_model:<dir>"
+        f"unknown preference {spec!r}: brightness, color:#rrggbb, length, structure, keyword:<word> or "
+        "reward_model:<dir>"
     )
 
 

@@ -1,10 +1,13 @@
-"""The loop demo: a project whose generator is the demo text-to-image model, judged by simulated
-annotators who prefer brighter pictures, with the closed loop switched on.
+"""The loop demos: a project whose generator is the demo text-to-image model, judged by simulated
+annotators who prefer brighter pictures, and one whose generator is the demo language model,
+judged by annotators who prefer tidy answers (lists, headings, code; no rambling), each with the
+closed loop switched on.
 
-``demo_loop_seed`` trains the demo generator on first use (cached under ``var/demo_models``),
-registers it as the project's base version, renders its first outputs through a sampling job (the
-same path an RL round's feedback takes) so people and simulated annotators have comparisons to
-judge, and sets the loop: DDPO rounds sized for a 2-core CPU (about 20 s of RL each).
+``demo_loop_seed`` (and ``demo_text_loop_seed``) trains the demo generator on first use (cached
+under ``var/demo_models``), registers it as the project's base version, renders its first outputs
+through a sampling job (the same path an RL round's feedback takes) so people and simulated
+annotators have comparisons to judge, and sets the loop: DDPO (text: GRPO through TRL) rounds sized
+for a 2-core CPU (about 20 s of RL each).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from training.services.sampling import (
 )
 
 SLUG = "loop"  # `up --seed-demo` names it (and the brightness preference) for its annotators
+TEXT_SLUG = "loop-text"  # and this one, with the structure preference
 
 INSTRUCTIONS = """\
 # Which picture is brighter?
@@ -94,34 +98,51 @@ def demo_loop_seed(
         return project
     path = demo_generator_ensure(quick=quick, progress=progress)
     render = RENDER_QUICK if quick else RENDER
+    return _seed(
+        owner=owner, slug=slug, name="Loop demo: the generator learns what annotators like",
+        modality="image", instructions=INSTRUCTIONS,
+        # Version names are global: another copy (the bench's) names its own generator.
+        generator="demo-t2i" if slug == SLUG else f"demo-t2i-{slug}", path=path, render=render,
+        within_pairs=3 if quick else 12, algorithm="ddpo", rl_config={**DDPO, "pipeline": str(path)},
+        loop={"retrain_after": retrain_after, "verdicts_needed": verdicts_needed, "max_rounds": max_rounds},
+    )  # fmt: skip
+
+
+def _seed(
+    *,
+    owner: Any,
+    slug: str,
+    name: str,
+    modality: str,
+    instructions: str,
+    generator: str,
+    path: Path,
+    render: dict[str, Any],
+    within_pairs: int,
+    algorithm: str,
+    rl_config: dict[str, Any],
+    loop: dict[str, Any],
+) -> Project:
+    """A loop demo project: the generator at ``path`` as its base version, its first outputs
+    rendered and queued through a sampling job, and the loop switched on."""
     prompts = list(json.loads((path / demo_models.DONE_FILE).read_text())["prompts"])
     with transaction.atomic():
         project = annotate_services.project_create(
-            creator=owner,
-            slug=slug,
-            name="Loop demo: the generator learns what annotators like",
-            modality="image",
-            instructions=INSTRUCTIONS,
-            aspects=[],
+            creator=owner, slug=slug, name=name, modality=modality, instructions=instructions, aspects=[],
             overlap=1,
-        )
+        )  # fmt: skip
         ProjectMember.objects.get_or_create(project=project, user=owner, defaults={"role": "manager"})
         for text in prompts:
             annotate_services.prompt_get_or_create(project=project, text=text)
         base = generator_model_register(
-            project=project,
-            actor=owner,
-            # Version names are global: another copy (the bench's) names its own generator.
-            generator="demo-t2i" if slug == SLUG else f"demo-t2i-{slug}",
-            version="base",
-            path=str(path),
+            project=project, actor=owner, generator=generator, version="base", path=str(path)
         )
         job = sampling_job_create(
             project=project,
             actor=owner,
             version_id=base.id,
             prompts=len(prompts),
-            within_pairs=12 if not quick else 3,
+            within_pairs=within_pairs,
             render=render,
             dispatch=False,
         )
@@ -130,12 +151,80 @@ def demo_loop_seed(
     loop_config_set(
         project=project,
         actor=owner,
-        algorithm="ddpo",
-        rl_config={**DDPO, "pipeline": str(path)},
+        algorithm=algorithm,
+        rl_config=rl_config,
         feedback={"prompts": len(prompts), "within_pairs": 1, "render": render},
         reward_hyperparameters={"epochs": 20},
-        retrain_after=retrain_after,
-        verdicts_needed=verdicts_needed,
-        max_rounds=max_rounds,
+        **loop,
     )
     return project
+
+
+# --- The text loop demo --------------------------------------------------------------------------
+TEXT_INSTRUCTIONS = """\
+# Which answer is tidier?
+
+This project's simulated annotators prefer **tidy answers**: a list, a heading or a code block,
+and no rambling ("basically", "anyway", "!!"). Judge the same way and your verdicts count like
+theirs. The loop trains a reward model on everyone's verdicts, fine-tunes the language model with
+it (GRPO, through TRL), then shows you the new version's answers against the old one's on the
+same prompt and seed: your verdicts on those decide whether the round helped.
+
+Keys: `←`/`1` left, `→`/`2` right, `↑`/`3` tie, `↓`/`4` both bad, `s` skip, `u` undo.
+"""
+
+# The demo language model's answers run to about 220 tokens (the longest it was trained on: 313).
+TEXT_RENDER = {"per_prompt": 6, "max_new_tokens": 256, "batch_size": 8}
+TEXT_RENDER_QUICK = {**TEXT_RENDER, "per_prompt": 3, "max_new_tokens": 12}
+# GRPO rounds of about 25 s on 2 cores: with the true preference as the reward, 10 such steps took
+# the demo model's structure score from -0.4 to 4.0 on its prompts (32 held-out samples).
+TEXT_GRPO = {
+    "steps": 10, "prompts_per_step": 2, "num_generations": 8, "max_completion_length": 256,
+    "learning_rate": 5e-3, "beta": 0.01, "lora_rank": 8, "lora_alpha": 16,
+}  # fmt: skip
+TEXT_GRPO_QUICK = {**TEXT_GRPO, "steps": 2, "num_generations": 2, "max_completion_length": 12}
+
+
+def demo_text_generator_path() -> Path:
+    return Path(settings.VAR_DIR) / "demo_models" / "causal-lm"
+
+
+def demo_text_generator_ensure(*, quick: bool = False, progress: demo_models.Progress | None = None) -> Path:
+    """The trained demo language model, trained now if ``var/`` has none (about 2.5 minutes on 2
+    cores; ``quick`` trains a rough one in seconds, for tests)."""
+    path = demo_text_generator_path()
+    if quick:
+        path = path.with_name("causal-lm-quick")
+    if (path / demo_models.DONE_FILE).is_file():
+        return path
+    if quick:
+        return demo_models.train_causal_lm(
+            path, per_prompt=2, steps=10, vocab_size=600, width=32, progress=progress
+        )
+    return demo_models.train_causal_lm(path, progress=progress)
+
+
+def demo_text_loop_seed(
+    *,
+    owner: Any,
+    slug: str = TEXT_SLUG,
+    quick: bool = False,
+    progress: demo_models.Progress | None = None,
+    retrain_after: int = 40,
+    verdicts_needed: int = 12,
+    max_rounds: int = 6,
+) -> Project:
+    """Create the text loop demo project (idempotent), as ``demo_loop_seed`` does for images."""
+    project = Project.objects.filter(slug=slug).first()
+    if project is not None:
+        return project
+    path = demo_text_generator_ensure(quick=quick, progress=progress)
+    grpo = TEXT_GRPO_QUICK if quick else TEXT_GRPO
+    return _seed(
+        owner=owner, slug=slug, name="Loop demo (text): the language model learns to answer tidily",
+        modality="text", instructions=TEXT_INSTRUCTIONS,
+        generator="demo-lm" if slug == TEXT_SLUG else f"demo-lm-{slug}", path=path,
+        render=TEXT_RENDER_QUICK if quick else TEXT_RENDER, within_pairs=3 if quick else 12,
+        algorithm="text_grpo", rl_config={**grpo, "policy": str(path)},
+        loop={"retrain_after": retrain_after, "verdicts_needed": verdicts_needed, "max_rounds": max_rounds},
+    )  # fmt: skip

@@ -63,11 +63,16 @@ def launch_config_check(*, project: Any, algo: Any, config: Any, field: str) -> 
     return resolved
 
 
+PEFT_ADAPTER = "adapter_model.safetensors"  # a text policy's LoRA (peft's save_pretrained)
+
+
 def _init_lora_check(init: str, *, field: str) -> None:
     from training.ml.diffusion.lora import LORA_WEIGHTS  # torch: loaded when checked, not at import
 
-    if init and not (Path(init) / LORA_WEIGHTS).is_file():
-        raise Invalid(f"{field}.init_lora: {init} holds no {LORA_WEIGHTS}", code="bad_model")
+    if init and not any((Path(init) / name).is_file() for name in (LORA_WEIGHTS, PEFT_ADAPTER)):
+        raise Invalid(
+            f"{field}.init_lora: {init} holds no {LORA_WEIGHTS} or {PEFT_ADAPTER}", code="bad_model"
+        )
 
 
 def _total(config: Any) -> int:

@@ -46,14 +46,14 @@ class Command(BaseCommand):
         parser.add_argument(
             "--seed-demo",
             action="store_true",
-            help="seed the demo projects first (the loop demo's generator trains on the first run), "
-            "and run the loop demo's simulated annotators beside the server",
+            help="seed the demo projects first (the loop demos' generators train on the first run), "
+            "and run the loop demos' simulated annotators beside the server",
         )
         parser.add_argument(
             "--demo-annotators",
             type=int,
             default=int(os.environ.get("RL_DEMO_ANNOTATORS", "3")),
-            help="with --seed-demo: simulated annotators judging the loop demo (0: none)",
+            help="with --seed-demo: simulated annotators judging each loop demo (0: none)",
         )
 
     def handle(self, *args: Any, **opts: Any) -> None:
@@ -80,6 +80,7 @@ class Command(BaseCommand):
             if opts["seed_demo"]:
                 self.stdout.write("  demo login: demo / demo")
                 self.stdout.write(f"  the loop at work: {url}projects/loop/loop/  (README: what to look at)")
+                self.stdout.write(f"  the text loop:    {url}projects/loop-text/loop/")
             self.stdout.write("Press Ctrl-C to stop everything.\n")
             code = self._supervise()
         finally:
@@ -164,17 +165,21 @@ class Command(BaseCommand):
                 ],
             )
         if opts["seed_demo"] and opts["demo_annotators"] > 0:
-            # The loop demo's simulated annotators judge over HTTP like people (the command is the
-            # simulate app's; `up` only names it).
-            self._spawn(
-                "annotators",
-                [
-                    py, "manage.py", "simulate_annotators", "--project", "loop", "--follow",
-                    "--url", f"http://{opts['host']}:{opts['port']}",
-                    "--annotators", str(opts["demo_annotators"]), "--think-ms", "1500", "--noise", "0.1",
-                    "--preference", "brightness",
-                ],
-            )  # fmt: skip
+            # The loop demos' simulated annotators judge over HTTP like people (the command is the
+            # simulate app's; `up` only names the projects and what their annotators prefer).
+            for name, slug, preference in (
+                ("annotators", "loop", "brightness"),
+                ("annotators-text", "loop-text", "structure"),
+            ):
+                self._spawn(
+                    name,
+                    [
+                        py, "manage.py", "simulate_annotators", "--project", slug, "--follow",
+                        "--url", f"http://{opts['host']}:{opts['port']}",
+                        "--annotators", str(opts["demo_annotators"]), "--think-ms", "1500", "--noise", "0.1",
+                        "--preference", preference,
+                    ],
+                )  # fmt: skip
 
     def _supervise(self) -> int:
         while not self.stopping:

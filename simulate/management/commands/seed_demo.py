@@ -52,8 +52,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--loop",
             action="store_true",
-            help="also the loop demo project: trains the demo generator on first use (a few minutes, "
-            "cached under var/demo_models), renders its first outputs and switches the loop on",
+            help="also the loop demo projects (images and text): trains the demo generators on first "
+            "use (a few minutes each, cached under var/demo_models), renders their first outputs and "
+            "switches their loops on",
         )
         parser.add_argument(
             "--quick-generator",
@@ -142,20 +143,33 @@ class Command(BaseCommand):
     def _seed_loop(self, user: Any, *, quick: bool) -> None:
         from simulate import demo, demo_models
 
-        if Project.objects.filter(slug=demo.SLUG).exists():
-            self.stdout.write(f"loop demo project {demo.SLUG!r} already seeded")
+        def trained(path: Any) -> bool:
+            return quick or (path / demo_models.DONE_FILE).is_file()
+
+        self._seed_one(
+            demo.SLUG, "text-to-image", trained(demo.demo_generator_path()),
+            lambda progress: demo.demo_loop_seed(owner=user, quick=quick, progress=progress),
+        )  # fmt: skip
+        self._seed_one(
+            demo.TEXT_SLUG, "language", trained(demo.demo_text_generator_path()),
+            lambda progress: demo.demo_text_loop_seed(owner=user, quick=quick, progress=progress),
+        )  # fmt: skip
+
+    def _seed_one(self, slug: str, what: str, trained: bool, seed: Any) -> None:
+        if Project.objects.filter(slug=slug).exists():
+            self.stdout.write(f"loop demo project {slug!r} already seeded")
             return
         bars: dict[str, tqdm] = {}
 
         def progress(phase: str, step: int, steps: int) -> None:
             if phase not in bars:
-                bars[phase] = tqdm(total=steps, desc=f"training the demo generator: {phase}", unit="step")
+                bars[phase] = tqdm(total=steps, desc=f"training the demo {what} model: {phase}", unit="step")
             bars[phase].update(step - bars[phase].n)
 
-        if not (demo.demo_generator_path() / demo_models.DONE_FILE).is_file() and not quick:
-            self.stdout.write("Training the demo text-to-image generator (first run only, a few minutes)...")
+        if not trained:
+            self.stdout.write(f"Training the demo {what} generator (first run only, a few minutes)...")
         try:
-            project = demo.demo_loop_seed(owner=user, quick=quick, progress=progress)
+            project = seed(progress)
         finally:
             for bar in bars.values():
                 bar.close()

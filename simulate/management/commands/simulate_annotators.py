@@ -28,7 +28,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--preference",
             default="brightness",
-            help="brightness, color:#rrggbb, length, keyword:<word> or reward_model:<dir>",
+            help="brightness, color:#rrggbb, length, structure, keyword:<word> or reward_model:<dir>",
         )
         parser.add_argument("--noise", type=float, default=0.1, help="share of verdicts flipped")
         parser.add_argument(

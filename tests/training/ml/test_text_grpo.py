@@ -75,9 +75,36 @@ def test_a_lora_run_saves_an_adapter_that_plain_peft_loads(tmp_path: Path) -> No
     assert not torch.allclose(a, b)
 
 
+def test_a_run_continues_a_previous_runs_adapter(tmp_path: Path) -> None:
+    """The loop's next round starts from the last good round's adapter (``init_lora``): the run
+    begins where that one ended, and saves the whole adapter again; another rank is refused."""
+    first = tmp_path / "first"
+    train(_config(lora_rank=4, lora_alpha=8, steps=1), PROMPTS, [length], output_dir=first)
+    adapter = first / "final"
+    seen: list[dict[str, float]] = []
+    second = tmp_path / "second"
+    train(
+        _config(lora_rank=4, lora_alpha=8, steps=1, learning_rate=1e-9, init_lora=str(adapter)),
+        PROMPTS, [length], output_dir=second, progress=seen.append,
+    )  # fmt: skip
+    a = load_file(str(adapter / "adapter_model.safetensors"))
+    b = load_file(str(second / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    # A learning rate of 1e-9: the second run's adapter is the first's, not a fresh one (whose B
+    # matrices would be zero).
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)
+    assert [m["step"] for m in seen] == [1.0]
+    with pytest.raises(ValueError, match="the adapter has lora_rank 4, the config 8"):
+        train(_config(lora_rank=8, init_lora=str(adapter)), PROMPTS, [length], output_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="is not a peft adapter"):
+        train(_config(lora_rank=4, init_lora=str(tmp_path)), PROMPTS, [length], output_dir=tmp_path / "y")
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
+        ({"init_lora": "/somewhere"}, "init_lora: continuing an adapter needs lora_rank > 0"),
         ({"num_generations": 1}, "num_generations"),
         ({"learning_rate": 0.5}, "learning_rate"),
         ({"lora_rank": -1}, "lora_rank"),

@@ -34,6 +34,10 @@ class TextGRPOConfig:
     """LoRA rank through peft (0: train every weight)."""
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    init_lora: str = ""
+    """A peft LoRA adapter of this policy to start from (a previous round's, with the same
+    ``lora_rank`` and ``lora_alpha``); training continues it, so the saved adapter is the whole
+    adapter. Empty: a fresh adapter. TRL's KL reference (``beta`` > 0) is then the adapter as loaded."""
     checkpoint_every: int = 0
     """Save every N steps (0: only at the end)."""
     seed: int = 0
@@ -59,6 +63,7 @@ class TextGRPOConfig:
         need(0 < self.epsilon <= 1, "epsilon must be in (0, 1]")
         need(0 <= self.lora_rank <= 256, "lora_rank must be 0..256")
         need(1 <= self.lora_alpha <= 1024, "lora_alpha must be 1..1024")
+        need(not self.init_lora or self.lora_rank > 0, "init_lora: continuing an adapter needs lora_rank > 0")
         need(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}")
         need(self.device in ("cpu", "cuda"), "device must be cpu or cuda")

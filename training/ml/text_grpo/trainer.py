@@ -75,6 +75,32 @@ def lora_config(config: Any) -> Any:
     )
 
 
+def continued_adapter(config: Any, path: Path) -> Any:
+    """The policy at ``path`` with the peft LoRA adapter ``config.init_lora`` loaded trainable. An
+    adapter of another rank, alpha or targets than the config's is refused by name (the run would
+    silently train something else than configured)."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:
+        saved = PeftConfig.from_pretrained(config.init_lora)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"init_lora: {config.init_lora} is not a peft adapter: {exc}") from exc
+    for name, mine, theirs in (
+        ("lora_rank", config.lora_rank, getattr(saved, "r", None)),
+        ("lora_alpha", config.lora_alpha, getattr(saved, "lora_alpha", None)),
+    ):
+        if mine != theirs:
+            raise ValueError(f"init_lora: the adapter has {name} {theirs}, the config {mine}")
+    targets = getattr(saved, "target_modules", None)
+    if config.lora_targets != ["all-linear"] and set(config.lora_targets) != set(targets or ()):
+        raise ValueError(
+            f"init_lora: the adapter targets {sorted(targets or ())}, the config {config.lora_targets}"
+        )
+    base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(config.dtype))
+    return PeftModel.from_pretrained(base, config.init_lora, is_trainable=True)
+
+
 def load_policy_tokenizer(config: Any) -> tuple[Path, Any]:
     """The policy's directory and its tokenizer (a pad token set to eos when it has none); refused
     when the directory is not a transformers model or the tokenizer can never end a response."""
@@ -201,13 +227,17 @@ def run_online(
     report = report_callback(
         result, log_keys=LOG_KEYS, marker="reward", progress=progress, should_stop=should_stop
     )
+    model: Any = str(path)
+    peft_config = lora_config(config)
+    if config.init_lora:  # TRL trains a PeftModel it is given (and takes no peft_config beside it)
+        model, peft_config = continued_adapter(config, path), None
     trainer = trl_trainer(
-        model=str(path),
+        model=model,
         reward_funcs=[_checked(f) for f in reward_funcs],
         args=args,
         train_dataset=datasets.Dataset.from_dict({"prompt": list(prompts)}),
         processing_class=tokenizer,
-        peft_config=lora_config(config),
+        peft_config=peft_config,
         callbacks=[report],
     )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
