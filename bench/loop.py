@@ -3,17 +3,19 @@
 A fresh copy of the loop demo that `make demo` seeds (``--generator demo``: the demo's trained
 text-to-image model, its first outputs, its loop settings), or a project of random-pattern images
 with a tiny random SD-like pipeline (``--generator tiny``), is judged by a simulated annotator
-whose hidden truth is brightness (through the REST API, in-process); the loop controller
+whose hidden truth is brightness (with ``--generator text``: the demo language model judged by
+tidiness, the ``structure`` preference) through the REST API, in-process; the loop controller
 (``training.services.loop``) is ticked until ``--rounds`` rounds are evaluated or flagged. The
 jobs each tick launches run here, one after the other (as a worker would run them), so every phase
 is timed.
 
     .venv/bin/python bench/loop.py                       # 3 rounds of the demo
+    .venv/bin/python bench/loop.py --generator text              # the text loop demo (GRPO, TRL)
     .venv/bin/python bench/loop.py --generator tiny --rounds 2
 
 Reports per round: seconds per phase (labels, reward training, RL, sampling, verdicts), labels
 used, the reward model's held-out accuracy, the predicted and the human win rate of the new
-version against the incumbent, and the true brightness of the new, the incumbent and the base
+version against the incumbent, and the true score of the new, the incumbent and the base
 outputs on the same prompts and seeds. Each round continues the last evaluated round's adapter,
 so the true score should climb round after round.
 """
@@ -51,10 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--generator",
-        choices=["demo", "tiny"],
+        choices=["demo", "text", "tiny"],
         default="demo",
         help="demo: the demo's trained text-to-image model and its loop settings (as make demo); "
-        "tiny: a tiny random SD-like pipeline on random-pattern images",
+        "text: the demo's trained language model and the text loop's settings (GRPO through TRL), "
+        "judged by tidiness (the structure preference); tiny: a tiny random SD-like pipeline on "
+        "random-pattern images",
     )
     args = parser.parse_args(argv)
 
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     from rewards import services as reward_services
     from rewards.models import RewardModelVersion
     from simulate import annotators as sim
-    from simulate.demo import demo_loop_seed
+    from simulate.demo import demo_loop_seed, demo_text_loop_seed
     from simulate.services import simulated_annotators_ensure
     from training import services
     from training.models import LoopConfig, LoopRound, SamplingJob
@@ -91,17 +95,31 @@ def main(argv: list[str] | None = None) -> None:
             LoopConfig.objects.filter(project=project).update(
                 rl_config={**project.loop.rl_config, "iterations": args.iterations}
             )
+    elif args.generator == "text":
+        project = demo_text_loop_seed(
+            owner=owner, slug=slug, retrain_after=args.labels, verdicts_needed=args.verdicts,
+            max_rounds=args.rounds,
+        )  # fmt: skip
+        if args.iterations:
+            LoopConfig.objects.filter(project=project).update(
+                rl_config={**project.loop.rl_config, "steps": args.iterations}
+            )
     else:
         project = _tiny_project(owner, slug, args)
     print(f"seeded in {time.perf_counter() - t:.1f} s (the demo generator is trained once, under var/)")
     ((_, token),) = simulated_annotators_ensure(project=project, actor=owner, count=1)
+    truth: Any = sim.Structure() if args.generator == "text" else sim.Brightness()
     judge = sim.SimulatedAnnotator(
-        sim.DjangoClient(token), project.slug, sim.Profile(sim.Brightness(), noise=args.noise)
+        sim.DjangoClient(token), project.slug, sim.Profile(truth, noise=args.noise)
     )
 
-    def brightness(ids: set[int]) -> float:
+    def true_score(ids: set[int]) -> float:
+        """The annotators' hidden truth, averaged over the samples: brightness, or structure."""
         values = []
         for s in Sample.objects.filter(id__in=ids):
+            if s.modality == "text":
+                values += truth.scores([""], [sim.Output("text", text=s.text)])
+                continue
             with Image.open(s.media.path) as im:
                 values.append(float(np.asarray(im.convert("L"), dtype=np.float64).mean() / 255.0))
         return float(np.mean(values))
@@ -154,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                 "round": number, "state": r.state, "labels": labels, "verdict_judgments": verdicts,
                 "holdout_accuracy": (version.metrics or {}).get("holdout_accuracy") if version else None,
                 "predicted": r.predicted_win_rate, "human": r.human_win_rate,
-                "new": brightness({int(s) for _, _, s in job.outputs["new"]}),
-                "incumbent": brightness({int(s) for _, _, s in job.outputs["incumbent"]}),
+                "new": true_score({int(s) for _, _, s in job.outputs["new"]}),
+                "incumbent": true_score({int(s) for _, _, s in job.outputs["incumbent"]}),
                 **{f"{k}_s": v for k, v in times.items()},
             }
         )  # fmt: skip
@@ -164,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             f"round {number} {row['state']}: {sum(times.values()):.1f} s "
             + " ".join(f"{k} {v:.1f}" for k, v in times.items())
             + f"; labels {labels}; held-out accuracy {row['holdout_accuracy']}; predicted {row['predicted']}; "
-            f"human {row['human']}; true brightness new {row['new']:.4f} vs incumbent {row['incumbent']:.4f}"
+            f"human {row['human']}; true {truth.name} new {row['new']:.4f} vs incumbent {row['incumbent']:.4f}"
         )
         if r.state != LoopRound.State.EVALUATED:
             print(f"round {number} stopped the loop: {r.reason}")

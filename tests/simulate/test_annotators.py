@@ -288,3 +288,21 @@ def test_the_service_client_answers_like_the_api(make_project: Any, manager: Any
     w = sim.SimulatedAnnotator(svc, p.slug, sim.Profile(sim.Brightness()))
     assert w.run(idle_polls=1, idle_wait_s=0.0).labels == 2
     assert _agreement(p, _luminance) == (2, 2)
+
+
+def test_the_structure_preference_counts_markdown_structure_less_fillers() -> None:
+    from simulate.annotators import Output, Structure, preference_from_spec
+    from simulate.generators import DEMO_PROMPTS, compose_text
+
+    pref = preference_from_spec("structure")
+    assert isinstance(pref, Structure)
+    # 3 structured lines (a numbered item, a dash item, a heading), 3 fillers.
+    assert pref.scores([""], [Output("text", text="1. a\n- b\n### c\nBasically, anyway!!")]) == [0.0]
+    assert pref.scores([""], [Output("text", text="```\nx\n```")]) == [2.0]
+    # It tells the clean templated answers from the noisy ones, prompt by prompt.
+    for p in DEMO_PROMPTS["text"]:
+        clean = pref.scores([p] * 5, [Output("text", text=compose_text(p, seed=i)) for i in range(5)])
+        noisy = pref.scores(
+            [p] * 5, [Output("text", text=compose_text(p, seed=i, style="noisy")) for i in range(5)]
+        )
+        assert min(clean) > max(noisy)

@@ -40,6 +40,9 @@ def test_the_loop_demo_is_seeded_with_a_trained_generator_and_the_loop_on(tmp_pa
     prompts = info["prompts"]
     assert prompts == demo_models.generators.DEMO_PROMPTS["image"] and info["resolution"] == 32
     assert Project.objects.filter(slug=demo.SLUG).count() == 1
+    # The text loop demo beside it (its own test below runs its rounds).
+    text = Project.objects.get(slug=demo.TEXT_SLUG)
+    assert text.modality == "text" and LoopConfig.objects.get(project=text).algorithm == "text_grpo"
 
     # Its first outputs: every prompt x 3 seeds from the base version (6 in the real demo), all
     # 3 pairs per prompt queued.
@@ -92,3 +95,83 @@ def test_training_the_demo_generator_reports_progress_and_saves_a_whole_pipeline
         ]
     )  # fmt: skip
     assert not list(tmp_path.glob(".*tmp*"))  # written to a temporary directory, renamed at the end
+
+
+def test_the_text_loop_demo_runs_rounds_that_build_on_each_other(tmp_path: Path) -> None:
+    """The text loop demo: the demo language model (trained from code, loaded back with plain
+    transformers) is the base; a GRPO round through TRL on the reward model of the annotators'
+    verdicts; people prefer it, so the next round continues its LoRA adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rewards.services import reward_job_run
+    from tests.rewards.helpers import simulate
+    from training import services
+
+    owner = get_user_model().objects.create_user("owner", is_staff=True)
+    with override_settings(VAR_DIR=tmp_path):
+        project = demo.demo_text_loop_seed(
+            owner=owner, quick=True, retrain_after=16, verdicts_needed=3, max_rounds=2
+        )
+    path = tmp_path / "demo_models" / "causal-lm-quick"
+    info = json.loads((path / demo_models.DONE_FILE).read_text())
+    assert info["kind"] == "causal_lm" and info["prompts"] == demo_models.generators.DEMO_PROMPTS["text"]
+    # Plain transformers loads it; its byte-level tokenizer gives back markdown exactly.
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    answer = "### Title\n\n1. **Bold**: `code`\n- Ünïcode <script>\n"
+    assert tokenizer.decode(tokenizer(answer).input_ids) == answer
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+
+    from training.models import SamplingJob
+
+    assert [(j.status, j.error) for j in SamplingJob.objects.filter(project=project)] == [("succeeded", "")]
+    texts = Sample.objects.filter(project=project)
+    assert texts.count() == 8 * demo.TEXT_RENDER_QUICK["per_prompt"]
+    assert {s.modality for s in texts} == {"text"} and all(s.generator_version_id for s in texts)
+    config = LoopConfig.objects.get(project=project)
+    assert config.enabled and config.algorithm == "text_grpo" and config.rl_config["policy"] == str(path)
+
+    def tick() -> Any:
+        r = services.loop_tick(project_id=project.id, dispatch=False)
+        assert r is not None
+        return r
+
+    def longer(a: Sample, b: Sample) -> int:
+        return a.id if len(a.text) >= len(b.text) else b.id
+
+    def newer(a: Sample, b: Sample) -> int:  # the RL round's output wins
+        a_new = bool(a.generator_version and a.generator_version.generator.name.endswith("-rl"))
+        return a.id if a_new else b.id
+
+    judge = owner  # the manager judges too: their verdicts count like anyone's
+    assert LoopConfig.objects.get(project=project).retrain_after == 16
+    assert tick().state == "waiting_for_labels"
+    assert simulate(project, judge, longer, noise=0.0, limit=16) == 16
+    r = tick()
+    assert r.state == "reward_training" and r.reward_job is not None, r.reason
+    assert reward_job_run(job_id=r.reward_job.id).status == "succeeded"
+    r = tick()
+    assert r.state == "rl" and r.rl_job is not None and r.rl_job.algorithm == "text_grpo"
+    assert services.rl_job_run(job_id=r.rl_job.id).status == "succeeded", r.rl_job.error
+    r = tick()
+    assert r.state == "sampling" and r.sampling_job is not None
+    services.sampling_job_render(job_id=r.sampling_job.id)
+    assert services.sampling_job_queue(job_id=r.sampling_job.id).status == "succeeded"
+    assert tick().state == "awaiting_verdicts"
+    simulate(project, judge, newer, noise=0.0)
+    r = tick()
+    assert r.state == "evaluated" and r.human_win_rate == 1.0, r.reason
+    first = r.new_version
+    assert first is not None and first.metadata["adapter"] is True
+
+    # Round 2 continues round 1's adapter, which is its incumbent.
+    r2 = tick()
+    assert (r2.number, r2.state) == (2, "waiting_for_labels")
+    r2 = tick()  # round 1's verdicts (and everything judged since its reward job) are its new labels
+    assert r2.state == "reward_training" and r2.reward_job is not None, r2.reason
+    assert reward_job_run(job_id=r2.reward_job.id).status == "succeeded"
+    r2 = tick()
+    assert r2.state == "rl" and r2.rl_job is not None
+    assert r2.rl_job.start_version == first and r2.incumbent == first
+    assert r2.rl_job.config["init_lora"] == first.checkpoint
+    assert services.rl_job_run(job_id=r2.rl_job.id).status == "succeeded", r2.rl_job.error

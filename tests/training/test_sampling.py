@@ -360,3 +360,12 @@ def test_register_and_sample_over_rest(
         assert api.post(jobs, {**body, **change}, format="json").status_code == code, change
     assert api.get(f"{jobs}999999/").status_code == 404
     assert SamplingJob.objects.count() == 1
+
+
+def test_a_model_text_with_nul_is_stored_with_replacement_characters() -> None:
+    """Model output is untrusted: a byte-level tokenizer can decode to NUL, which a sample (and
+    PostgreSQL's text) refuses; the renderer keeps the output with U+FFFD in its place."""
+    from training.ml.render import storable_text
+
+    assert storable_text("a\x00b\x00") == "a\ufffdb\ufffd"
+    assert storable_text("### ok\n- fine") == "### ok\n- fine"

@@ -190,8 +190,15 @@ class Generator:
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
             text = self.tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-            out.append(Rendered(prompt, seed, text=text))
+            out.append(Rendered(prompt, seed, text=storable_text(text)))
         return out
+
+
+def storable_text(text: str) -> str:
+    """A model's text as a sample can hold it: a byte-level tokenizer can decode to any character,
+    NUL included, which PostgreSQL's text cannot store (and a sample refuses); each becomes U+FFFD,
+    the replacement character, so the output is kept and shows where something was dropped."""
+    return text.replace("\x00", "\ufffd")
 
 
 def _uint8(arr: np.ndarray) -> np.ndarray:
