@@ -7,6 +7,13 @@ rounds fine-tune is a real generator that has learned something, not random weig
   places named in the prompt), at 32x32 pixels. First the VAE learns to reconstruct the scenes, then
   the text tower and the UNet learn to denoise their latents given the prompt (the usual
   epsilon-prediction loss), with 10% of the prompts dropped for classifier-free guidance.
+- ``text_to_video``: the short-clip variant, a tiny Wan-like pipeline (Wan's causal video VAE, a 3D
+  flow-matching transformer, a UMT5 text tower, flow-matching Euler) trained from scratch on the
+  procedural clips of ``simulate.generators.render_clip`` (shapes bouncing, rolling, orbiting as the
+  prompt says) at 32x32 pixels and 9 frames: the VAE first, then the transformer on the rectified
+  flow objective (velocity = noise - clip latents) given the prompt, 10% of prompts dropped. The
+  text tower keeps its random weights: a fixed, distinct code per prompt, which the transformer
+  learns to read. ``video_grpo`` (Flow-GRPO) fine-tunes it.
 - ``causal_lm``: a tiny GPT-2 (2 layers, 128 wide) trained from scratch on the templated answers of
   ``simulate.generators.compose_text`` to the demo's text prompts, half of them clean (a heading, a
   list, code) and half noisy (rambling, repeated, misspelt), with a byte-level BPE tokenizer trained
@@ -303,6 +310,143 @@ def train_causal_lm(
         "kind": "causal_lm",
         "prompts": prompts,
         "longest_tokens": longest,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "final_loss": loss.item(),
+    }
+    (tmp / DONE_FILE).write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _clips(prompts: list[str], per_prompt: int, size: int, frames: int, seed: int) -> torch.Tensor:
+    """(N, 3, frames, size, size) in [-1, 1]: ``per_prompt`` clean clips for each prompt, at 8 fps."""
+    import av
+
+    out = []
+    for p in prompts:
+        for i in range(per_prompt):
+            data = generators.render_clip(p, seed=seed * 100_000 + i, size=size, seconds=frames / 8, fps=8)
+            with av.open(io.BytesIO(data)) as container:
+                decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            out.append(np.stack(decoded[:frames]).astype(np.float32))
+    arr = np.stack(out) / 127.5 - 1.0  # (N, F, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def train_text_to_video(
+    directory: str | Path,
+    *,
+    prompts: list[str] | None = None,
+    per_prompt: int = 16,
+    resolution: int = 32,
+    frames: int = 9,
+    vae_steps: int = 300,
+    transformer_steps: int = 1200,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Path:
+    """Train the demo text-to-video pipeline and save it to ``directory`` (replaced); it loads with
+    plain ``WanPipeline.from_pretrained``."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = list(prompts or generators.DEMO_PROMPTS["video"])
+    clips = _clips(prompts, per_prompt, resolution, frames, seed)
+    labels = torch.arange(len(prompts)).repeat_interleave(per_prompt)
+
+    z_dim = 8
+    vae = AutoencoderKLWan(
+        base_dim=16, z_dim=z_dim, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+        scale_factor_spatial=4, scale_factor_temporal=2, latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+    )  # fmt: skip
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    for step in range(vae_steps):
+        x = clips[torch.randint(0, len(clips), (batch_size,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=gen)).sample
+        loss = torch.nn.functional.mse_loss(recon, x) + 1e-4 * post.kl().mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress("vae", step + 1, vae_steps)
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat(
+            [vae.encode(clips[i : i + 16]).latent_dist.mean for i in range(0, len(clips), 16)]
+        )  # (N, z, F', h, w)
+    # Per-channel statistics, as Wan's VAE ships them: the pipeline un-normalises with them.
+    mean = latents.mean(dim=(0, 2, 3, 4))
+    std = latents.std(dim=(0, 2, 3, 4))
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_path()))
+    tokenizer.model_max_length = 32
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()  # fmt: skip
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=z_dim,
+        out_channels=z_dim, text_dim=32, freq_dim=64, ffn_dim=128, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+    with torch.no_grad():  # the pipeline's own encoding, so training sees what sampling will
+        embeds, _ = pipe.encode_prompt([*prompts, ""], do_classifier_free_guidance=False, device="cpu")
+    opt = torch.optim.AdamW(transformer.parameters(), lr=1e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / transformer_steps))),
+    )
+    transformer.train()
+    for step in range(transformer_steps):
+        idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+        z0 = latents[idx]
+        which = labels[idx].clone()
+        which[torch.rand(batch_size, generator=gen) < 0.1] = len(prompts)  # the empty prompt
+        noise = torch.randn(z0.shape, generator=gen)
+        # Logit-normal noise levels (SD3's choice): most training where the velocity is hardest.
+        sigma = torch.sigmoid(torch.randn(batch_size, generator=gen)).view(-1, 1, 1, 1, 1)
+        zt = (1 - sigma) * z0 + sigma * noise
+        pred = transformer(
+            hidden_states=zt, timestep=sigma.flatten() * 1000, encoder_hidden_states=embeds[which],
+            return_dict=False,
+        )[0]  # fmt: skip
+        loss = torch.nn.functional.mse_loss(pred, noise - z0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress("transformer", step + 1, transformer_steps)
+    transformer.eval()
+    out = Path(directory)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp))
+    info: dict[str, Any] = {
+        "kind": "text_to_video",
+        "prompts": prompts,
+        "resolution": resolution,
+        "frames": frames,
         "seconds": round(time.perf_counter() - t0, 1),
         "final_loss": loss.item(),
     }

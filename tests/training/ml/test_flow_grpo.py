@@ -151,6 +151,28 @@ def test_resume_continues_the_run_as_if_never_stopped(sd3_dir: Path, tmp_path: P
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_a_run_continues_a_previous_runs_adapter(sd3_dir: Path, tmp_path: Path) -> None:
+    """``init_lora`` (the loop's next round): the run starts from the previous run's adapter; one
+    of another rank, or a directory without one, is refused by name."""
+    first = train(_config(sd3_dir, learning_rate=1e-2), PROMPTS, brightness, output_dir=tmp_path / "a")
+    start = _lora(first.checkpoints[0])
+    assert any(float(v.abs().max()) > 0 for k, v in start.items() if "lora_B" in k)
+    cont = train(
+        _config(sd3_dir, init_lora=str(first.checkpoints[0]), learning_rate=1e-7),
+        PROMPTS, brightness, output_dir=tmp_path / "b",
+    )  # fmt: skip
+    weights = _lora(cont.checkpoints[0])
+    assert weights.keys() == start.keys()
+    assert all(torch.allclose(weights[k], start[k], atol=1e-5) for k in start)
+    with pytest.raises(ValueError, match="do not fit this adapter"):
+        train(
+            _config(sd3_dir, init_lora=str(first.checkpoints[0]), lora_rank=8),
+            PROMPTS, brightness, output_dir=tmp_path / "c",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="not a LoRA checkpoint"):
+        train(_config(sd3_dir, init_lora=str(tmp_path)), PROMPTS, brightness, output_dir=tmp_path / "d")
+
+
 def test_video_grpo_rewards_decoded_frames_and_loads_into_a_plain_wan_pipeline(
     wan_dir: Path, tmp_path: Path
 ) -> None:

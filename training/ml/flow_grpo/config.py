@@ -56,6 +56,10 @@ class FlowGRPOConfig:
     lora_rank: int = 4
     lora_alpha: int = 4
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init_lora: str = ""
+    """A LoRA checkpoint of this pipeline to start from (a previous round's, with the same
+    ``lora_rank``, ``lora_alpha`` and ``lora_targets``); training continues it, so every checkpoint
+    holds the whole adapter. Empty: a fresh adapter. The KL reference stays the base model."""
     checkpoint_every: int = 0
     seed: int = 0
     device: str = "cpu"

@@ -41,7 +41,13 @@ from training.ml.diffusion.flow import (
     load_flow_pipeline,
     sample_flow_with_logprob,
 )
-from training.ml.diffusion.lora import add_unet_lora, resume_into, save_checkpoint, trainer_state
+from training.ml.diffusion.lora import (
+    add_unet_lora,
+    load_lora_into,
+    resume_into,
+    save_checkpoint,
+    trainer_state,
+)
 from training.ml.diffusion.sampling import check_rewards, to_pil
 from training.ml.diffusion_grpo.trainer import GRPOMetrics, GRPOResult, group_advantages, group_win_rates
 from training.ml.flow_grpo.config import FlowGRPOConfig
@@ -128,6 +134,8 @@ def train(
     start = 0
     if resume_from is not None:
         start = resume_into(resume_from, transformer, optimizer, rng, generator, component="transformer")
+    elif config.init_lora:
+        load_lora_into(transformer, config.init_lora, component="transformer")
     out = Path(output_dir)
     result = GRPOResult()
     steps_trained = max(1, math.ceil(config.sample_steps * config.train_fraction))
