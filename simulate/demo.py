@@ -32,6 +32,7 @@ from training.services.sampling import (
 
 SLUG = "loop"  # `up --seed-demo` names it (and the brightness preference) for its annotators
 TEXT_SLUG = "loop-text"  # and this one, with the structure preference
+VIDEO_SLUG = "loop-video"  # and this one, with brightness again
 
 INSTRUCTIONS = """\
 # Which picture is brighter?
@@ -226,5 +227,78 @@ def demo_text_loop_seed(
         generator="demo-lm" if slug == TEXT_SLUG else f"demo-lm-{slug}", path=path,
         render=TEXT_RENDER_QUICK if quick else TEXT_RENDER, within_pairs=3 if quick else 12,
         algorithm="text_grpo", rl_config={**grpo, "policy": str(path)},
+        loop={"retrain_after": retrain_after, "verdicts_needed": verdicts_needed, "max_rounds": max_rounds},
+    )  # fmt: skip
+
+
+# --- The video loop demo -------------------------------------------------------------------------
+VIDEO_INSTRUCTIONS = """\
+# Which clip is brighter?
+
+This project's simulated annotators prefer **brighter** clips; judge the same way and your verdicts
+count like theirs. The loop trains a reward model on everyone's verdicts (frames through the image
+tower, pooled over time), fine-tunes the text-to-video generator with it (Flow-GRPO), then shows you
+the new version's clips against the old one's on the same prompt and seed.
+
+Keys: `←`/`1` left, `→`/`2` right, `↑`/`3` tie, `↓`/`4` both bad, `s` skip, `u` undo.
+"""
+
+VIDEO_RENDER = {
+    "per_prompt": 4, "steps": 10, "guidance_scale": 3.0, "resolution": 32, "frames": 9, "fps": 8,
+    "batch_size": 8,
+}  # fmt: skip
+VIDEO_RENDER_QUICK = {**VIDEO_RENDER, "per_prompt": 2, "steps": 2}
+VIDEO_GRPO = {
+    "iterations": 6, "prompts_per_iteration": 2, "group_size": 4, "sample_steps": 8, "train_batch_size": 8,
+    "frames": 9, "resolution": 32, "guidance_scale": 3.0, "learning_rate": 1e-2, "clip_range": 1e-2,
+    "lora_rank": 4, "lora_alpha": 8,
+}  # fmt: skip
+VIDEO_GRPO_QUICK = {
+    **VIDEO_GRPO, "iterations": 1, "prompts_per_iteration": 1, "group_size": 2, "sample_steps": 2,
+    "train_batch_size": 2,
+}  # fmt: skip
+
+
+def demo_video_generator_path() -> Path:
+    return Path(settings.VAR_DIR) / "demo_models" / "text-to-video"
+
+
+def demo_video_generator_ensure(*, quick: bool = False, progress: demo_models.Progress | None = None) -> Path:
+    """The trained demo text-to-video pipeline, trained now if ``var/`` has none (minutes on 2
+    cores; ``quick`` trains a rough one in seconds, for tests)."""
+    path = demo_video_generator_path()
+    if quick:
+        path = path.with_name("text-to-video-quick")
+    if (path / demo_models.DONE_FILE).is_file():
+        return path
+    if quick:
+        return demo_models.train_text_to_video(
+            path, per_prompt=1, vae_steps=2, transformer_steps=2, batch_size=2, progress=progress
+        )
+    return demo_models.train_text_to_video(path, progress=progress)
+
+
+def demo_video_loop_seed(
+    *,
+    owner: Any,
+    slug: str = VIDEO_SLUG,
+    quick: bool = False,
+    progress: demo_models.Progress | None = None,
+    retrain_after: int = 40,
+    verdicts_needed: int = 12,
+    max_rounds: int = 6,
+) -> Project:
+    """Create the video loop demo project (idempotent), as ``demo_loop_seed`` does for images."""
+    project = Project.objects.filter(slug=slug).first()
+    if project is not None:
+        return project
+    path = demo_video_generator_ensure(quick=quick, progress=progress)
+    grpo = VIDEO_GRPO_QUICK if quick else VIDEO_GRPO
+    return _seed(
+        owner=owner, slug=slug, name="Loop demo (video): the clip generator learns what annotators like",
+        modality="video", instructions=VIDEO_INSTRUCTIONS,
+        generator="demo-t2v" if slug == VIDEO_SLUG else f"demo-t2v-{slug}", path=path,
+        render=VIDEO_RENDER_QUICK if quick else VIDEO_RENDER, within_pairs=1 if quick else 6,
+        algorithm="video_grpo", rl_config={**grpo, "pipeline": str(path)},
         loop={"retrain_after": retrain_after, "verdicts_needed": verdicts_needed, "max_rounds": max_rounds},
     )  # fmt: skip

@@ -175,3 +175,33 @@ def test_the_text_loop_demo_runs_rounds_that_build_on_each_other(tmp_path: Path)
     assert r2.rl_job.start_version == first and r2.incumbent == first
     assert r2.rl_job.config["init_lora"] == first.checkpoint
     assert services.rl_job_run(job_id=r2.rl_job.id).status == "succeeded", r2.rl_job.error
+
+
+def test_the_video_loop_demo_is_seeded_with_a_trained_clip_generator(tmp_path: Path) -> None:
+    """The short-clip variant: a Wan-like pipeline trained from code on procedural clips, loaded
+    back with plain diffusers, its first clips rendered and queued, and a Flow-GRPO loop on."""
+    from diffusers import WanPipeline
+
+    owner = get_user_model().objects.create_user("owner", is_staff=True)
+    with override_settings(VAR_DIR=tmp_path):
+        project = demo.demo_video_loop_seed(owner=owner, quick=True)
+        assert demo.demo_video_loop_seed(owner=owner, quick=True) == project  # idempotent
+    path = tmp_path / "demo_models" / "text-to-video-quick"
+    info = json.loads((path / demo_models.DONE_FILE).read_text())
+    assert info["kind"] == "text_to_video" and (info["resolution"], info["frames"]) == (32, 9)
+    assert info["prompts"] == demo_models.generators.DEMO_PROMPTS["video"]
+    clips = Sample.objects.filter(project=project)
+    assert clips.count() == 8 * demo.VIDEO_RENDER_QUICK["per_prompt"]
+    assert {(s.modality, s.mime_type, s.width, s.height) for s in clips} == {("video", "video/mp4", 32, 32)}
+    assert Comparison.objects.filter(project=project).count() == 8  # one within-pair per prompt
+    config = LoopConfig.objects.get(project=project)
+    assert config.enabled and config.algorithm == "video_grpo" and config.rl_config["pipeline"] == str(path)
+    # The saved generator is a plain diffusers WanPipeline; the VAE carries its latent statistics.
+    pipe = WanPipeline.from_pretrained(str(path), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae.config.latents_std != [1.0] * pipe.vae.config.z_dim
+    frames = pipe(
+        info["prompts"][0], num_inference_steps=2, height=32, width=32, num_frames=9, guidance_scale=1.0,
+        output_type="np", generator=torch.Generator().manual_seed(0),
+    ).frames  # fmt: skip
+    assert np.asarray(frames).shape == (1, 9, 32, 32, 3) and np.isfinite(frames).all()

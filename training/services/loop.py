@@ -262,7 +262,7 @@ def _reward_training(config: LoopConfig, r: LoopRound, dispatch: bool) -> LoopRo
                 project=config.project,
                 actor=config.owner,
                 algorithm=config.algorithm,
-                config=config.rl_config,
+                config=_round_rl_config(config, r),
                 feedback=config.feedback,
                 reward={"version": active.number},
                 start_version=start,
@@ -274,6 +274,16 @@ def _reward_training(config: LoopConfig, r: LoopRound, dispatch: bool) -> LoopRo
         return _fail(config, r, State.REWARD_TRAINING, f"RL job refused: {exc.message}")
     r.refresh_from_db()
     return r
+
+
+def _round_rl_config(config: LoopConfig, r: LoopRound) -> dict[str, Any]:
+    """The RL settings of round ``r``: the loop's, with the seed moved on by the round number. A
+    round that starts from the same adapter and reward model as an earlier one (the earlier round
+    was not built on, and no better reward model was promoted) would otherwise replay it sample for
+    sample and come back with the very same version."""
+    rl = dict(config.rl_config)
+    rl["seed"] = int(rl.get("seed") or 0) + r.number - 1
+    return rl
 
 
 def _rl(config: LoopConfig, r: LoopRound, dispatch: bool) -> LoopRound:
