@@ -147,3 +147,21 @@ def test_up_serves_runs_worker_and_stops_cleanly() -> None:
         for p in _tree_processes(var_dir, port):
             p.kill()
         shutil.rmtree(var_dir, ignore_errors=True)
+
+
+def test_an_optional_child_may_end_while_the_rest_runs_on() -> None:
+    """A one-off child (the video demo's generator training) ends without stopping the tree; any
+    other child's end stops everything."""
+    import io
+
+    from annotate.management.commands.up import Command
+
+    err = io.StringIO()
+    cmd = Command(stderr=err)
+    cmd.children, cmd.optional, cmd.stopping = [], set(), False
+    cmd._spawn("one-off", ["true"], optional=True)
+    cmd._spawn("server", [sys.executable, "-c", "import time; time.sleep(2)"])
+    assert cmd._supervise() == 1  # the server ended (code 0): everything stops
+    assert [name for name, _ in cmd.children] == ["server"]
+    assert "one-off exited with code 0; the rest runs on" in err.getvalue()
+    assert "server exited with code 0; stopping everything" in err.getvalue()

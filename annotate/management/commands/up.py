@@ -58,6 +58,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **opts: Any) -> None:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.optional: set[str] = set()
         self.stopping = False
         embedded_db = settings.EMBEDDED_POSTGRES
         embedded_redis = settings.EMBEDDED_REDIS
@@ -81,6 +82,9 @@ class Command(BaseCommand):
                 self.stdout.write("  demo login: demo / demo")
                 self.stdout.write(f"  the loop at work: {url}projects/loop/loop/  (README: what to look at)")
                 self.stdout.write(f"  the text loop:    {url}projects/loop-text/loop/")
+                self.stdout.write(
+                    f"  the video loop:   {url}projects/loop-video/loop/  (once its generator has trained)"
+                )
             self.stdout.write("Press Ctrl-C to stop everything.\n")
             code = self._supervise()
         finally:
@@ -96,9 +100,13 @@ class Command(BaseCommand):
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], *, optional: bool = False) -> None:
+        """Start a child; when it exits everything stops, unless it is ``optional`` (a one-off
+        job such as training the video demo's generator: its end is reported, the rest runs on)."""
         proc = subprocess.Popen(argv, cwd=settings.BASE_DIR, preexec_fn=_die_with_parent)
         self.children.append((name, proc))
+        if optional:
+            self.optional.add(name)
 
     def _start(self, opts: dict[str, Any]) -> None:
         py = sys.executable
@@ -167,27 +175,41 @@ class Command(BaseCommand):
         if opts["seed_demo"] and opts["demo_annotators"] > 0:
             # The loop demos' simulated annotators judge over HTTP like people (the command is the
             # simulate app's; `up` only names the projects and what their annotators prefer).
+            # The video demo's project appears once its generator has trained (below): its
+            # annotators wait for it.
             for name, slug, preference in (
                 ("annotators", "loop", "brightness"),
                 ("annotators-text", "loop-text", "structure"),
+                ("annotators-video", "loop-video", "brightness"),
             ):
                 self._spawn(
                     name,
                     [
-                        py, "manage.py", "simulate_annotators", "--project", slug, "--follow",
+                        py, "manage.py", "simulate_annotators", "--project", slug, "--follow", "--wait",
                         "--url", f"http://{opts['host']}:{opts['port']}",
                         "--annotators", str(opts["demo_annotators"]), "--think-ms", "1500", "--noise", "0.1",
                         "--preference", preference,
                     ],
                 )  # fmt: skip
+        if opts["seed_demo"]:
+            # The video demo's generator trains for several minutes at the first run: in the
+            # background, at the lowest CPU priority, so the other demos' loops keep their pace.
+            self._spawn(
+                "video-demo", [py, "manage.py", "seed_demo", "--video-loop", "--background"], optional=True
+            )
 
     def _supervise(self) -> int:
         while not self.stopping:
-            for name, proc in self.children:
+            for name, proc in list(self.children):
                 rc = proc.poll()
-                if rc is not None:
-                    self.stderr.write(f"{name} exited with code {rc}; stopping everything")
-                    return rc or 1
+                if rc is None:
+                    continue
+                if name in self.optional:
+                    self.stderr.write(f"{name} exited with code {rc}; the rest runs on")
+                    self.children.remove((name, proc))
+                    continue
+                self.stderr.write(f"{name} exited with code {rc}; stopping everything")
+                return rc or 1
             time.sleep(0.2)
         return 0
 

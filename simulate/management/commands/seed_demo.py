@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import os
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -57,6 +58,18 @@ class Command(BaseCommand):
             "switches their loops on",
         )
         parser.add_argument(
+            "--video-loop",
+            action="store_true",
+            help="only the video loop demo project: trains the demo text-to-video generator on first "
+            "use (several minutes, cached under var/demo_models), renders its first clips and switches "
+            "its loop on",
+        )
+        parser.add_argument(
+            "--background",
+            action="store_true",
+            help="run at the lowest CPU priority (what `up --seed-demo` does for the video demo)",
+        )
+        parser.add_argument(
             "--quick-generator",
             action="store_true",
             help="with --loop: a rough demo generator trained in seconds (tests)",
@@ -70,6 +83,11 @@ class Command(BaseCommand):
         if created:
             user.set_password(opts["password"])
             user.save()
+        if opts["background"]:
+            os.nice(19)
+        if opts["video_loop"]:
+            self._seed_video_loop(user, quick=opts["quick_generator"])
+            return
         if opts["loop"]:
             self._seed_loop(user, quick=opts["quick_generator"])
         project = Project.objects.filter(slug=opts["slug"]).first()
@@ -153,6 +171,15 @@ class Command(BaseCommand):
         self._seed_one(
             demo.TEXT_SLUG, "language", trained(demo.demo_text_generator_path()),
             lambda progress: demo.demo_text_loop_seed(owner=user, quick=quick, progress=progress),
+        )  # fmt: skip
+
+    def _seed_video_loop(self, user: Any, *, quick: bool) -> None:
+        from simulate import demo, demo_models
+
+        trained = quick or (demo.demo_video_generator_path() / demo_models.DONE_FILE).is_file()
+        self._seed_one(
+            demo.VIDEO_SLUG, "text-to-video", trained,
+            lambda progress: demo.demo_video_loop_seed(owner=user, quick=quick, progress=progress),
         )  # fmt: skip
 
     def _seed_one(self, slug: str, what: str, trained: bool, seed: Any) -> None:

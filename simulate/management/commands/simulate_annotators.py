@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -50,9 +51,17 @@ class Command(BaseCommand):
             action="store_true",
             help="keep going: when nothing is left to judge, wait for new comparisons (Ctrl-C stops)",
         )
+        parser.add_argument(
+            "--wait",
+            action="store_true",
+            help="wait for the project to be created (polling every 5 s) instead of refusing",
+        )
 
     def handle(self, *args: Any, **o: Any) -> None:
         project = Project.objects.filter(slug=o["project"]).first()
+        while project is None and o["wait"]:
+            time.sleep(5.0)
+            project = Project.objects.filter(slug=o["project"]).first()
         if project is None:
             raise CommandError(f"no project {o['project']!r}")
         total = o["labels"] * o["annotators"] if o["labels"] and not o["follow"] else None
