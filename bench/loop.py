@@ -11,6 +11,7 @@ is timed.
 
     .venv/bin/python bench/loop.py                       # 3 rounds of the demo
     .venv/bin/python bench/loop.py --generator text              # the text loop demo (GRPO, TRL)
+    .venv/bin/python bench/loop.py --generator video             # the video loop demo (Flow-GRPO)
     .venv/bin/python bench/loop.py --generator tiny --rounds 2
 
 Reports per round: seconds per phase (labels, reward training, RL, sampling, verdicts), labels
@@ -53,11 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--generator",
-        choices=["demo", "text", "tiny"],
+        choices=["demo", "text", "video", "tiny"],
         default="demo",
         help="demo: the demo's trained text-to-image model and its loop settings (as make demo); "
         "text: the demo's trained language model and the text loop's settings (GRPO through TRL), "
-        "judged by tidiness (the structure preference); tiny: a tiny random SD-like pipeline on "
+        "judged by tidiness (the structure preference); video: the demo's trained text-to-video "
+        "model and the video loop's settings (Flow-GRPO), judged by brightness; tiny: a tiny random "
+        "SD-like pipeline on "
         "random-pattern images",
     )
     args = parser.parse_args(argv)
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     from rewards import services as reward_services
     from rewards.models import RewardModelVersion
     from simulate import annotators as sim
-    from simulate.demo import demo_loop_seed, demo_text_loop_seed
+    from simulate.demo import demo_loop_seed, demo_text_loop_seed, demo_video_loop_seed
     from simulate.services import simulated_annotators_ensure
     from training import services
     from training.models import LoopConfig, LoopRound, SamplingJob
@@ -88,6 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     if args.generator == "demo":
         project = demo_loop_seed(
+            owner=owner, slug=slug, retrain_after=args.labels, verdicts_needed=args.verdicts,
+            max_rounds=args.rounds,
+        )  # fmt: skip
+        if args.iterations:
+            LoopConfig.objects.filter(project=project).update(
+                rl_config={**project.loop.rl_config, "iterations": args.iterations}
+            )
+    elif args.generator == "video":
+        project = demo_video_loop_seed(
             owner=owner, slug=slug, retrain_after=args.labels, verdicts_needed=args.verdicts,
             max_rounds=args.rounds,
         )  # fmt: skip
@@ -119,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         for s in Sample.objects.filter(id__in=ids):
             if s.modality == "text":
                 values += truth.scores([""], [sim.Output("text", text=s.text)])
+                continue
+            if s.modality == "video":
+                with open(s.media.path, "rb") as f:
+                    values += truth.scores([""], [sim.decode("video", f.read())])
                 continue
             with Image.open(s.media.path) as im:
                 values.append(float(np.asarray(im.convert("L"), dtype=np.float64).mean() / 255.0))

@@ -273,7 +273,13 @@ def demo_video_generator_ensure(*, quick: bool = False, progress: demo_models.Pr
         return path
     if quick:
         return demo_models.train_text_to_video(
-            path, per_prompt=1, vae_steps=2, transformer_steps=2, batch_size=2, progress=progress
+            path,
+            per_prompt=1,
+            vae_steps=2,
+            transformer_steps=2,
+            batch_size=2,
+            transformer_batch_size=2,
+            progress=progress,
         )
     return demo_models.train_text_to_video(path, progress=progress)
 

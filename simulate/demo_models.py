@@ -327,7 +327,7 @@ def _clips(prompts: list[str], per_prompt: int, size: int, frames: int, seed: in
     for p in prompts:
         for i in range(per_prompt):
             data = generators.render_clip(p, seed=seed * 100_000 + i, size=size, seconds=frames / 8, fps=8)
-            with av.open(io.BytesIO(data)) as container:
+            with av.open(io.BytesIO(data), mode="r") as container:
                 decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
             out.append(np.stack(decoded[:frames]).astype(np.float32))
     arr = np.stack(out) / 127.5 - 1.0  # (N, F, H, W, 3)
@@ -342,13 +342,16 @@ def train_text_to_video(
     resolution: int = 32,
     frames: int = 9,
     vae_steps: int = 300,
-    transformer_steps: int = 1200,
+    transformer_steps: int = 3000,
     batch_size: int = 8,
+    transformer_batch_size: int = 16,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> Path:
     """Train the demo text-to-video pipeline and save it to ``directory`` (replaced); it loads with
-    plain ``WanPipeline.from_pretrained``."""
+    plain ``WanPipeline.from_pretrained``. About 7.5 minutes on 2 idle cores with the defaults (the
+    VAE's causal 3D convolutions are 2/3 of it). Its clips follow the prompt's backdrop (sky, floor,
+    night, colours) and brightness; the small moving shapes are mostly lost at this size."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -410,20 +413,21 @@ def train_text_to_video(
     )
     with torch.no_grad():  # the pipeline's own encoding, so training sees what sampling will
         embeds, _ = pipe.encode_prompt([*prompts, ""], do_classifier_free_guidance=False, device="cpu")
-    opt = torch.optim.AdamW(transformer.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / transformer_steps))),
     )
     transformer.train()
     for step in range(transformer_steps):
-        idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+        n = transformer_batch_size
+        idx = torch.randint(0, len(latents), (n,), generator=gen)
         z0 = latents[idx]
         which = labels[idx].clone()
-        which[torch.rand(batch_size, generator=gen) < 0.1] = len(prompts)  # the empty prompt
+        which[torch.rand(n, generator=gen) < 0.1] = len(prompts)  # the empty prompt
         noise = torch.randn(z0.shape, generator=gen)
         # Logit-normal noise levels (SD3's choice): most training where the velocity is hardest.
-        sigma = torch.sigmoid(torch.randn(batch_size, generator=gen)).view(-1, 1, 1, 1, 1)
+        sigma = torch.sigmoid(torch.randn(n, generator=gen)).view(-1, 1, 1, 1, 1)
         zt = (1 - sigma) * z0 + sigma * noise
         pred = transformer(
             hidden_states=zt, timestep=sigma.flatten() * 1000, encoder_hidden_states=embeds[which],

@@ -145,7 +145,7 @@ def test_a_round_from_labels_to_evaluation(project: Any, manager: Any, make_user
     assert r2.rl_job.start_version == r.new_version and r2.incumbent == r.new_version
     assert r2.rl_job.config["init_lora"] == r.new_version.checkpoint
     # Each round samples afresh: its seed moves on (a round never replays an earlier one).
-    assert (r.rl_job.config["seed"], r2.rl_job.config["seed"]) == (0, 1)
+    assert r.rl_job is not None and (r.rl_job.config["seed"], r2.rl_job.config["seed"]) == (0, 1)
     assert r.rl_job is not None and r2.rl_job.base_version == r.rl_job.base_version  # the same base
     # Only an adapter of this project on the same base can be continued; nothing is stored otherwise.
     jobs = RLJob.objects.count()

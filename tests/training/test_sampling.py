@@ -106,11 +106,11 @@ def test_a_round_renders_scores_and_queues_comparisons(
     others = [c for c in comps if c not in versus]
     assert all(not c.priority_fixed and 0 < c.priority <= 2 for c in others)
     # Active learning reorders the within-group pairs only.
-    before = {c.id: c.priority for c in comps}
+    set_before = {c.id: c.priority for c in comps}
     assert comparison_priorities_update(version=active) == 2
     for c in comps:
         c.refresh_from_db()
-    assert {c.id: c.priority for c in versus} == {c.id: before[c.id] for c in versus}
+    assert {c.id: c.priority for c in versus} == {c.id: set_before[c.id] for c in versus}
     # The queue step is claimed: running it again queues nothing twice.
     assert services.sampling_job_queue(job_id=job.id).comparisons_created == 6
     assert Comparison.objects.filter(project=project, origin="loop").count() == 6
