@@ -350,8 +350,9 @@ def train_text_to_video(
 ) -> Path:
     """Train the demo text-to-video pipeline and save it to ``directory`` (replaced); it loads with
     plain ``WanPipeline.from_pretrained``. About 7.5 minutes on 2 idle cores with the defaults (the
-    VAE's causal 3D convolutions are 2/3 of it). Its clips follow the prompt's backdrop (sky, floor,
-    night, colours) and brightness; the small moving shapes are mostly lost at this size."""
+    VAE's causal 3D convolutions are 2/3 of it). Its clips tell night from day and carry some of the
+    prompt's colours (a pink sky, a green floor), often wrongly; the small moving shapes are lost
+    at this size. Enough for a loop on brightness, not a good video model."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
