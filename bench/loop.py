@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     from rewards import services as reward_services
     from rewards.models import RewardModelVersion
     from simulate import annotators as sim
-    from simulate.demo import demo_loop_seed, demo_text_loop_seed, demo_video_loop_seed
+    from simulate.demo import loop_demo_seed
     from simulate.services import simulated_annotators_ensure
     from training import services
     from training.models import LoopConfig, LoopRound, SamplingJob
@@ -89,32 +89,16 @@ def main(argv: list[str] | None = None) -> None:
     if Project.objects.filter(slug=slug).exists():
         raise SystemExit(f"project {slug} exists: pick another --slug")
     t = time.perf_counter()
-    if args.generator == "demo":
-        project = demo_loop_seed(
-            owner=owner, slug=slug, retrain_after=args.labels, verdicts_needed=args.verdicts,
+    modality = {"demo": "image", "text": "text", "video": "video"}.get(args.generator)
+    if modality is not None:
+        project = loop_demo_seed(
+            modality, owner=owner, slug=slug, retrain_after=args.labels, verdicts_needed=args.verdicts,
             max_rounds=args.rounds,
         )  # fmt: skip
-        if args.iterations:
+        if args.iterations:  # text GRPO counts steps, the diffusion trainers iterations
+            key = "steps" if modality == "text" else "iterations"
             LoopConfig.objects.filter(project=project).update(
-                rl_config={**project.loop.rl_config, "iterations": args.iterations}
-            )
-    elif args.generator == "video":
-        project = demo_video_loop_seed(
-            owner=owner, slug=slug, retrain_after=args.labels, verdicts_needed=args.verdicts,
-            max_rounds=args.rounds,
-        )  # fmt: skip
-        if args.iterations:
-            LoopConfig.objects.filter(project=project).update(
-                rl_config={**project.loop.rl_config, "iterations": args.iterations}
-            )
-    elif args.generator == "text":
-        project = demo_text_loop_seed(
-            owner=owner, slug=slug, retrain_after=args.labels, verdicts_needed=args.verdicts,
-            max_rounds=args.rounds,
-        )  # fmt: skip
-        if args.iterations:
-            LoopConfig.objects.filter(project=project).update(
-                rl_config={**project.loop.rl_config, "steps": args.iterations}
+                rl_config={**project.loop.rl_config, key: args.iterations}
             )
     else:
         project = _tiny_project(owner, slug, args)

@@ -1,18 +1,23 @@
-"""The loop demos: a project whose generator is the demo text-to-image model, judged by simulated
-annotators who prefer brighter pictures, and one whose generator is the demo language model,
-judged by annotators who prefer tidy answers (lists, headings, code; no rambling), each with the
-closed loop switched on.
+"""The loop demos, one per modality, each a project with the closed loop switched on:
+- ``loop``: the demo text-to-image model (DDPO), judged by simulated annotators who prefer brighter
+  pictures;
+- ``loop-text``: the demo language model (GRPO through TRL), judged by annotators who prefer tidy
+  answers (lists, headings, code; no rambling);
+- ``loop-video``: the demo clip generator (Flow-GRPO), judged by brightness.
 
-``demo_loop_seed`` (and ``demo_text_loop_seed``) trains the demo generator on first use (cached
-under ``var/demo_models``), registers it as the project's base version, renders its first outputs
-through a sampling job (the same path an RL round's feedback takes) so people and simulated
-annotators have comparisons to judge, and sets the loop: DDPO (text: GRPO through TRL) rounds sized
-for a 2-core CPU (about 20 s of RL each).
+``loop_demo_seed`` (``demo_loop_seed``, ``demo_text_loop_seed``, ``demo_video_loop_seed``) trains
+the demo generator on first use (cached under ``var/demo_models``), registers it as the project's
+base version, renders its first outputs through a sampling job (the same path an RL round's
+feedback takes) so people and simulated annotators have comparisons to judge, and sets the loop,
+with rounds sized for a 2-core CPU (about 20 s of RL each). ``DEMOS`` holds each one's settings.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,54 +66,7 @@ DDPO = {
 }  # fmt: skip
 
 
-def demo_generator_path() -> Path:
-    return Path(settings.VAR_DIR) / "demo_models" / "text-to-image"
-
-
-def demo_generator_ensure(*, quick: bool = False, progress: demo_models.Progress | None = None) -> Path:
-    """The trained demo text-to-image pipeline, trained now if ``var/`` has none (a few minutes on
-    2 cores; ``quick`` trains a rough one in seconds, for tests)."""
-    path = demo_generator_path()
-    if quick:
-        path = path.with_name("text-to-image-quick")
-    done = path / demo_models.DONE_FILE
-    if done.is_file():
-        return path
-    if quick:
-        return demo_models.train_text_to_image(
-            path, vae_steps=10, unet_steps=10, per_prompt=2, progress=progress
-        )
-    return demo_models.train_text_to_image(path, progress=progress)
-
-
-def demo_loop_seed(
-    *,
-    owner: Any,
-    slug: str = SLUG,
-    quick: bool = False,
-    progress: demo_models.Progress | None = None,
-    retrain_after: int = 40,
-    verdicts_needed: int = 12,
-    max_rounds: int = 6,
-) -> Project:
-    """Create the loop demo project (idempotent: an existing one is returned as it is). The loop's
-    pace: a round starts after ``retrain_after`` new judgments and is evaluated on
-    ``verdicts_needed`` verdicts, up to ``max_rounds`` rounds."""
-    project = Project.objects.filter(slug=slug).first()
-    if project is not None:
-        return project
-    path = demo_generator_ensure(quick=quick, progress=progress)
-    render = RENDER_QUICK if quick else RENDER
-    return _seed(
-        owner=owner, slug=slug, name="Loop demo: the generator learns what annotators like",
-        modality="image", instructions=INSTRUCTIONS,
-        # Version names are global: another copy (the bench's) names its own generator.
-        generator="demo-t2i" if slug == SLUG else f"demo-t2i-{slug}", path=path, render=render,
-        within_pairs=3 if quick else 12, algorithm="ddpo", rl_config={**DDPO, "pipeline": str(path)},
-        loop={"retrain_after": retrain_after, "verdicts_needed": verdicts_needed, "max_rounds": max_rounds},
-    )  # fmt: skip
-
-
+# --- The image loop demo's settings above; what every loop demo does --------------------------
 def _seed(
     *,
     owner: Any,
@@ -186,51 +144,6 @@ TEXT_GRPO = {
 TEXT_GRPO_QUICK = {**TEXT_GRPO, "steps": 2, "num_generations": 2, "max_completion_length": 12}
 
 
-def demo_text_generator_path() -> Path:
-    return Path(settings.VAR_DIR) / "demo_models" / "causal-lm"
-
-
-def demo_text_generator_ensure(*, quick: bool = False, progress: demo_models.Progress | None = None) -> Path:
-    """The trained demo language model, trained now if ``var/`` has none (about 2.5 minutes on 2
-    cores; ``quick`` trains a rough one in seconds, for tests)."""
-    path = demo_text_generator_path()
-    if quick:
-        path = path.with_name("causal-lm-quick")
-    if (path / demo_models.DONE_FILE).is_file():
-        return path
-    if quick:
-        return demo_models.train_causal_lm(
-            path, per_prompt=2, steps=10, vocab_size=600, width=32, progress=progress
-        )
-    return demo_models.train_causal_lm(path, progress=progress)
-
-
-def demo_text_loop_seed(
-    *,
-    owner: Any,
-    slug: str = TEXT_SLUG,
-    quick: bool = False,
-    progress: demo_models.Progress | None = None,
-    retrain_after: int = 40,
-    verdicts_needed: int = 12,
-    max_rounds: int = 6,
-) -> Project:
-    """Create the text loop demo project (idempotent), as ``demo_loop_seed`` does for images."""
-    project = Project.objects.filter(slug=slug).first()
-    if project is not None:
-        return project
-    path = demo_text_generator_ensure(quick=quick, progress=progress)
-    grpo = TEXT_GRPO_QUICK if quick else TEXT_GRPO
-    return _seed(
-        owner=owner, slug=slug, name="Loop demo (text): the language model learns to answer tidily",
-        modality="text", instructions=TEXT_INSTRUCTIONS,
-        generator="demo-lm" if slug == TEXT_SLUG else f"demo-lm-{slug}", path=path,
-        render=TEXT_RENDER_QUICK if quick else TEXT_RENDER, within_pairs=3 if quick else 12,
-        algorithm="text_grpo", rl_config={**grpo, "policy": str(path)},
-        loop={"retrain_after": retrain_after, "verdicts_needed": verdicts_needed, "max_rounds": max_rounds},
-    )  # fmt: skip
-
-
 # --- The video loop demo -------------------------------------------------------------------------
 VIDEO_INSTRUCTIONS = """\
 # Which clip is brighter?
@@ -259,52 +172,117 @@ VIDEO_GRPO_QUICK = {
 }  # fmt: skip
 
 
-def demo_video_generator_path() -> Path:
-    return Path(settings.VAR_DIR) / "demo_models" / "text-to-video"
+@dataclass(frozen=True)
+class LoopDemo:
+    """One loop demo: its project, its generator (trained from code on first use), how its
+    outputs are rendered and which RL algorithm its loop runs (the real settings, and ``quick``
+    ones for tests: the same path, a fraction of the work)."""
+
+    slug: str
+    name: str
+    modality: str
+    instructions: str
+    generator: str  # the generator's name (version names are global: a copy names its own)
+    directory: str  # under var/demo_models
+    train: Callable[..., Path]  # demo_models.train_*(directory, progress=..., **quick_training)
+    quick_training: dict[str, Any]
+    render: dict[str, Any]
+    render_quick: dict[str, Any]
+    within_pairs: tuple[int, int]  # (real, quick) pairs per prompt within the first outputs
+    algorithm: str
+    model_field: str
+    rl: dict[str, Any]
+    rl_quick: dict[str, Any]
 
 
-def demo_video_generator_ensure(*, quick: bool = False, progress: demo_models.Progress | None = None) -> Path:
-    """The trained demo text-to-video pipeline, trained now if ``var/`` has none (minutes on 2
+DEMOS = {
+    d.modality: d
+    for d in (
+        LoopDemo(
+            SLUG, "Loop demo: the generator learns what annotators like", "image", INSTRUCTIONS, "demo-t2i",
+            "text-to-image", demo_models.train_text_to_image,
+            {"vae_steps": 10, "unet_steps": 10, "per_prompt": 2}, RENDER, RENDER_QUICK, (12, 3), "ddpo",
+            "pipeline", DDPO, DDPO,
+        ),
+        LoopDemo(
+            TEXT_SLUG, "Loop demo (text): the language model learns to answer tidily", "text",
+            TEXT_INSTRUCTIONS, "demo-lm", "causal-lm", demo_models.train_causal_lm,
+            {"per_prompt": 2, "steps": 10, "vocab_size": 600, "width": 32}, TEXT_RENDER, TEXT_RENDER_QUICK,
+            (12, 3), "text_grpo", "policy", TEXT_GRPO, TEXT_GRPO_QUICK,
+        ),
+        LoopDemo(
+            VIDEO_SLUG, "Loop demo (video): the clip generator learns what annotators like", "video",
+            VIDEO_INSTRUCTIONS, "demo-t2v", "text-to-video", demo_models.train_text_to_video,
+            {"per_prompt": 1, "vae_steps": 2, "transformer_steps": 2, "batch_size": 2,
+             "transformer_batch_size": 2},
+            VIDEO_RENDER, VIDEO_RENDER_QUICK, (6, 1), "video_grpo", "pipeline", VIDEO_GRPO, VIDEO_GRPO_QUICK,
+        ),
+    )
+}  # fmt: skip
+
+
+def generator_path(modality: str) -> Path:
+    """Where the demo generator of ``modality`` is cached (trained or not)."""
+    return Path(settings.VAR_DIR) / "demo_models" / DEMOS[modality].directory
+
+
+def generator_ensure(
+    modality: str, *, quick: bool = False, progress: demo_models.Progress | None = None
+) -> Path:
+    """The trained demo generator of ``modality``, trained now if ``var/`` has none (minutes on 2
     cores; ``quick`` trains a rough one in seconds, for tests)."""
-    path = demo_video_generator_path()
+    demo = DEMOS[modality]
+    path = generator_path(modality)
     if quick:
-        path = path.with_name("text-to-video-quick")
+        path = path.with_name(f"{demo.directory}-quick")
     if (path / demo_models.DONE_FILE).is_file():
         return path
-    if quick:
-        return demo_models.train_text_to_video(
-            path,
-            per_prompt=1,
-            vae_steps=2,
-            transformer_steps=2,
-            batch_size=2,
-            transformer_batch_size=2,
-            progress=progress,
-        )
-    return demo_models.train_text_to_video(path, progress=progress)
+    return demo.train(path, progress=progress, **(demo.quick_training if quick else {}))
 
 
-def demo_video_loop_seed(
+def loop_demo_seed(
+    modality: str,
     *,
     owner: Any,
-    slug: str = VIDEO_SLUG,
+    slug: str = "",
     quick: bool = False,
     progress: demo_models.Progress | None = None,
     retrain_after: int = 40,
     verdicts_needed: int = 12,
     max_rounds: int = 6,
 ) -> Project:
-    """Create the video loop demo project (idempotent), as ``demo_loop_seed`` does for images."""
+    """Create the loop demo project of ``modality`` (idempotent: an existing one is returned as it
+    is). The loop's pace: a round starts after ``retrain_after`` new judgments and is evaluated on
+    ``verdicts_needed`` verdicts, up to ``max_rounds`` rounds."""
+    demo = DEMOS[modality]
+    slug = slug or demo.slug
     project = Project.objects.filter(slug=slug).first()
     if project is not None:
         return project
-    path = demo_video_generator_ensure(quick=quick, progress=progress)
-    grpo = VIDEO_GRPO_QUICK if quick else VIDEO_GRPO
+    path = generator_ensure(modality, quick=quick, progress=progress)
     return _seed(
-        owner=owner, slug=slug, name="Loop demo (video): the clip generator learns what annotators like",
-        modality="video", instructions=VIDEO_INSTRUCTIONS,
-        generator="demo-t2v" if slug == VIDEO_SLUG else f"demo-t2v-{slug}", path=path,
-        render=VIDEO_RENDER_QUICK if quick else VIDEO_RENDER, within_pairs=1 if quick else 6,
-        algorithm="video_grpo", rl_config={**grpo, "pipeline": str(path)},
+        owner=owner, slug=slug, name=demo.name, modality=modality, instructions=demo.instructions,
+        generator=demo.generator if slug == demo.slug else f"{demo.generator}-{slug}", path=path,
+        render=demo.render_quick if quick else demo.render, within_pairs=demo.within_pairs[1 if quick else 0],
+        algorithm=demo.algorithm, rl_config={**(demo.rl_quick if quick else demo.rl), demo.model_field: str(path)},
         loop={"retrain_after": retrain_after, "verdicts_needed": verdicts_needed, "max_rounds": max_rounds},
     )  # fmt: skip
+
+
+# The names the commands, the benches and the tests use.
+demo_loop_seed = functools.partial(loop_demo_seed, "image")
+demo_text_loop_seed = functools.partial(loop_demo_seed, "text")
+demo_video_loop_seed = functools.partial(loop_demo_seed, "video")
+demo_generator_ensure = functools.partial(generator_ensure, "image")
+
+
+def demo_generator_path() -> Path:
+    return generator_path("image")
+
+
+def demo_text_generator_path() -> Path:
+    return generator_path("text")
+
+
+def demo_video_generator_path() -> Path:
+    return generator_path("video")

@@ -48,6 +48,23 @@ Progress = Callable[[str, int, int], None]
 DONE_FILE = "rewardloop_demo.json"  # written last: a directory without it is half-trained
 
 
+def _save(
+    directory: str | Path, write: Callable[[Path], Any], info: dict[str, Any], *, started: float, loss: float
+) -> Path:
+    """Save a trained demo generator: ``write`` fills a temporary directory beside ``directory``,
+    ``DONE_FILE`` (what was trained, how long it took, its last loss) goes in last, then it is
+    renamed into place, so a half-trained or half-written model is never used."""
+    out = Path(directory)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    info = {**info, "seconds": round(time.perf_counter() - started, 1), "final_loss": loss}
+    (tmp / DONE_FILE).write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def _scenes(prompts: list[str], per_prompt: int, size: int, seed: int) -> torch.Tensor:
     """(N, 3, size, size) in [-1, 1]: ``per_prompt`` clean scenes for each prompt."""
     out = []
@@ -179,21 +196,15 @@ def train_text_to_image(
             progress("unet", step + 1, unet_steps)
     unet.eval()
     text_encoder.eval()
-    out = Path(directory)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_sd_pipeline(tmp, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
-    info: dict[str, Any] = {
-        "kind": "text_to_image",
-        "prompts": prompts,
-        "resolution": resolution,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "final_loss": loss.item(),
-    }
-    (tmp / DONE_FILE).write_text(json.dumps(info, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return _save(
+        directory,
+        lambda tmp: _save_sd_pipeline(
+            tmp, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
+        ),
+        {"kind": "text_to_image", "prompts": prompts, "resolution": resolution},
+        started=t0,
+        loss=loss.item(),
+    )
 
 
 END_OF_TEXT = "<|endoftext|>"
@@ -301,22 +312,18 @@ def train_causal_lm(
         if progress is not None:
             progress("lm", step + 1, steps)
     model.eval()
-    out = Path(directory)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    info: dict[str, Any] = {
-        "kind": "causal_lm",
-        "prompts": prompts,
-        "longest_tokens": longest,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "final_loss": loss.item(),
-    }
-    (tmp / DONE_FILE).write_text(json.dumps(info, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+    return _save(
+        directory,
+        write,
+        {"kind": "causal_lm", "prompts": prompts, "longest_tokens": longest},
+        started=t0,
+        loss=loss.item(),
+    )
 
 
 def _clips(prompts: list[str], per_prompt: int, size: int, frames: int, seed: int) -> torch.Tensor:
@@ -443,19 +450,10 @@ def train_text_to_video(
         if progress is not None:
             progress("transformer", step + 1, transformer_steps)
     transformer.eval()
-    out = Path(directory)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp))
-    info: dict[str, Any] = {
-        "kind": "text_to_video",
-        "prompts": prompts,
-        "resolution": resolution,
-        "frames": frames,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "final_loss": loss.item(),
-    }
-    (tmp / DONE_FILE).write_text(json.dumps(info, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return _save(
+        directory,
+        lambda tmp: pipe.save_pretrained(str(tmp)),
+        {"kind": "text_to_video", "prompts": prompts, "resolution": resolution, "frames": frames},
+        started=t0,
+        loss=loss.item(),
+    )
