@@ -193,9 +193,8 @@ def judgments_for_comparison(*, comparison: Comparison) -> QuerySet[Judgment]:
 
 def comparisons_open_pairs(*, project_id: int, created_after: Any = None) -> list[tuple[int, int, int]]:
     """The open, non-gold pairwise comparisons of a project whose priority is not fixed (those
-    active learning reorders), as
-    (comparison id, lower sample id, higher sample id); only those created after
-    ``created_after`` when it is given."""
+    active learning reorders), as (comparison id, lower sample id, higher sample id); only those
+    created after ``created_after`` when it is given."""
     from django.db import connection
 
     with connection.cursor() as cur:
