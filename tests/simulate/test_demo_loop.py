@@ -35,12 +35,14 @@ def test_the_loop_demo_is_seeded_with_a_trained_generator_and_the_loop_on(tmp_pa
         demo_user = get_user_model().objects.get(username="demo")
         assert demo.demo_loop_seed(owner=demo_user, quick=True) == project  # idempotent
         call_command("seed_demo", loop=True, quick_generator=True, prompts=1)  # a second run: nothing new
+        assert not Project.objects.filter(slug=demo.TEXT_SLUG).exists()  # `up` seeds it in the background
+        call_command("seed_demo", text_loop=True, quick_generator=True)
     assert path == tmp_path / "demo_models" / "text-to-image-quick"
     info = json.loads((path / demo_models.DONE_FILE).read_text())
     prompts = info["prompts"]
     assert prompts == demo_models.generators.DEMO_PROMPTS["image"] and info["resolution"] == 32
     assert Project.objects.filter(slug=demo.SLUG).count() == 1
-    # The text loop demo beside it (its own test below runs its rounds).
+    # The text loop demo, seeded on its own (its own test below runs its rounds).
     text = Project.objects.get(slug=demo.TEXT_SLUG)
     assert text.modality == "text" and LoopConfig.objects.get(project=text).algorithm == "text_grpo"
 

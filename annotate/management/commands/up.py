@@ -81,9 +81,9 @@ class Command(BaseCommand):
             if opts["seed_demo"]:
                 self.stdout.write("  demo login: demo / demo")
                 self.stdout.write(f"  the loop at work: {url}projects/loop/loop/  (README: what to look at)")
-                self.stdout.write(f"  the text loop:    {url}projects/loop-text/loop/")
                 self.stdout.write(
-                    f"  the video loop:   {url}projects/loop-video/loop/  (once its generator has trained)"
+                    f"  the text and video loops: {url}projects/loop-text/loop/ and "
+                    f"{url}projects/loop-video/loop/ (once their generators have trained)"
                 )
             self.stdout.write("Press Ctrl-C to stop everything.\n")
             code = self._supervise()
@@ -175,8 +175,8 @@ class Command(BaseCommand):
         if opts["seed_demo"] and opts["demo_annotators"] > 0:
             # The loop demos' simulated annotators judge over HTTP like people (the command is the
             # simulate app's; `up` only names the projects and what their annotators prefer).
-            # The video demo's project appears once its generator has trained (below): its
-            # annotators wait for it.
+            # The text and video demos' projects appear once their generators have trained
+            # (below): their annotators wait for them.
             for name, slug, preference in (
                 ("annotators", "loop", "brightness"),
                 ("annotators-text", "loop-text", "structure"),
@@ -192,10 +192,13 @@ class Command(BaseCommand):
                     ],
                 )  # fmt: skip
         if opts["seed_demo"]:
-            # The video demo's generator trains for several minutes at the first run: in the
-            # background, at the lowest CPU priority, so the other demos' loops keep their pace.
+            # The text and video demos' generators train for minutes at the first run: in the
+            # background, one after the other, at the lowest CPU priority, so the image demo's loop
+            # (trained before the server started) keeps its pace.
             self._spawn(
-                "video-demo", [py, "manage.py", "seed_demo", "--video-loop", "--background"], optional=True
+                "demo-generators",
+                [py, "manage.py", "seed_demo", "--text-loop", "--video-loop", "--background"],
+                optional=True,
             )
 
     def _supervise(self) -> int:

@@ -53,21 +53,26 @@ class Command(BaseCommand):
         parser.add_argument(
             "--loop",
             action="store_true",
-            help="also the loop demo projects (images and text): trains the demo generators on first "
-            "use (a few minutes each, cached under var/demo_models), renders their first outputs and "
-            "switches their loops on",
+            help="also the image loop demo project: trains the demo text-to-image generator on first "
+            "use (3-4 minutes, cached under var/demo_models), renders its first outputs and switches "
+            "its loop on",
+        )
+        parser.add_argument(
+            "--text-loop",
+            action="store_true",
+            help="only the text loop demo project (the demo language model, about 2.5 minutes to "
+            "train on first use)",
         )
         parser.add_argument(
             "--video-loop",
             action="store_true",
-            help="only the video loop demo project: trains the demo text-to-video generator on first "
-            "use (several minutes, cached under var/demo_models), renders its first clips and switches "
-            "its loop on",
+            help="only the video loop demo project (the demo text-to-video generator, about 6.5 "
+            "minutes to train on first use); with --text-loop, after it",
         )
         parser.add_argument(
             "--background",
             action="store_true",
-            help="run at the lowest CPU priority (what `up --seed-demo` does for the video demo)",
+            help="run at the lowest CPU priority (what `up --seed-demo` does for the text and video demos)",
         )
         parser.add_argument(
             "--quick-generator",
@@ -85,8 +90,10 @@ class Command(BaseCommand):
             user.save()
         if opts["background"]:
             os.nice(19)
-        if opts["video_loop"]:
-            self._seed_video_loop(user, quick=opts["quick_generator"])
+        if opts["text_loop"] or opts["video_loop"]:
+            for modality in ("text", "video"):
+                if opts[f"{modality}_loop"]:
+                    self._seed_loop_demo(user, modality, quick=opts["quick_generator"])
             return
         if opts["loop"]:
             self._seed_loop(user, quick=opts["quick_generator"])
@@ -159,27 +166,15 @@ class Command(BaseCommand):
         )
 
     def _seed_loop(self, user: Any, *, quick: bool) -> None:
+        self._seed_loop_demo(user, "image", quick=quick)
+
+    def _seed_loop_demo(self, user: Any, modality: str, *, quick: bool) -> None:
         from simulate import demo, demo_models
 
-        def trained(path: Any) -> bool:
-            return quick or (path / demo_models.DONE_FILE).is_file()
-
+        trained = quick or (demo.generator_path(modality) / demo_models.DONE_FILE).is_file()
         self._seed_one(
-            demo.SLUG, "text-to-image", trained(demo.demo_generator_path()),
-            lambda progress: demo.demo_loop_seed(owner=user, quick=quick, progress=progress),
-        )  # fmt: skip
-        self._seed_one(
-            demo.TEXT_SLUG, "language", trained(demo.demo_text_generator_path()),
-            lambda progress: demo.demo_text_loop_seed(owner=user, quick=quick, progress=progress),
-        )  # fmt: skip
-
-    def _seed_video_loop(self, user: Any, *, quick: bool) -> None:
-        from simulate import demo, demo_models
-
-        trained = quick or (demo.demo_video_generator_path() / demo_models.DONE_FILE).is_file()
-        self._seed_one(
-            demo.VIDEO_SLUG, "text-to-video", trained,
-            lambda progress: demo.demo_video_loop_seed(owner=user, quick=quick, progress=progress),
+            demo.DEMOS[modality].slug, demo.DEMOS[modality].directory, trained,
+            lambda progress: demo.loop_demo_seed(modality, owner=user, quick=quick, progress=progress),
         )  # fmt: skip
 
     def _seed_one(self, slug: str, what: str, trained: bool, seed: Any) -> None:
