@@ -199,23 +199,29 @@ DEMOS = {
     d.modality: d
     for d in (
         LoopDemo(
-            SLUG, "Loop demo: the generator learns what annotators like", "image", INSTRUCTIONS, "demo-t2i",
-            "text-to-image", demo_models.train_text_to_image,
-            {"vae_steps": 10, "unet_steps": 10, "per_prompt": 2}, RENDER, RENDER_QUICK, (12, 3), "ddpo",
-            "pipeline", DDPO, DDPO,
+            slug=SLUG, name="Loop demo: the generator learns what annotators like", modality="image",
+            instructions=INSTRUCTIONS, generator="demo-t2i", directory="text-to-image",
+            train=demo_models.train_text_to_image,
+            quick_training={"vae_steps": 10, "unet_steps": 10, "per_prompt": 2},
+            render=RENDER, render_quick=RENDER_QUICK, within_pairs=(12, 3),
+            algorithm="ddpo", model_field="pipeline", rl=DDPO, rl_quick=DDPO,
         ),
         LoopDemo(
-            TEXT_SLUG, "Loop demo (text): the language model learns to answer tidily", "text",
-            TEXT_INSTRUCTIONS, "demo-lm", "causal-lm", demo_models.train_causal_lm,
-            {"per_prompt": 2, "steps": 10, "vocab_size": 600, "width": 32}, TEXT_RENDER, TEXT_RENDER_QUICK,
-            (12, 3), "text_grpo", "policy", TEXT_GRPO, TEXT_GRPO_QUICK,
+            slug=TEXT_SLUG, name="Loop demo (text): the language model learns to answer tidily",
+            modality="text", instructions=TEXT_INSTRUCTIONS, generator="demo-lm", directory="causal-lm",
+            train=demo_models.train_causal_lm,
+            quick_training={"per_prompt": 2, "steps": 10, "vocab_size": 600, "width": 32},
+            render=TEXT_RENDER, render_quick=TEXT_RENDER_QUICK, within_pairs=(12, 3),
+            algorithm="text_grpo", model_field="policy", rl=TEXT_GRPO, rl_quick=TEXT_GRPO_QUICK,
         ),
         LoopDemo(
-            VIDEO_SLUG, "Loop demo (video): the clip generator learns what annotators like", "video",
-            VIDEO_INSTRUCTIONS, "demo-t2v", "text-to-video", demo_models.train_text_to_video,
-            {"per_prompt": 1, "vae_steps": 2, "transformer_steps": 2, "batch_size": 2,
-             "transformer_batch_size": 2},
-            VIDEO_RENDER, VIDEO_RENDER_QUICK, (6, 1), "video_grpo", "pipeline", VIDEO_GRPO, VIDEO_GRPO_QUICK,
+            slug=VIDEO_SLUG, name="Loop demo (video): the clip generator learns what annotators like",
+            modality="video", instructions=VIDEO_INSTRUCTIONS, generator="demo-t2v", directory="text-to-video",
+            train=demo_models.train_text_to_video,
+            quick_training={"per_prompt": 1, "vae_steps": 2, "transformer_steps": 2, "batch_size": 2,
+                            "transformer_batch_size": 2},
+            render=VIDEO_RENDER, render_quick=VIDEO_RENDER_QUICK, within_pairs=(6, 1),
+            algorithm="video_grpo", model_field="pipeline", rl=VIDEO_GRPO, rl_quick=VIDEO_GRPO_QUICK,
         ),
     )
 }  # fmt: skip

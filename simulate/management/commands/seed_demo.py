@@ -96,7 +96,7 @@ class Command(BaseCommand):
                     self._seed_loop_demo(user, modality, quick=opts["quick_generator"])
             return
         if opts["loop"]:
-            self._seed_loop(user, quick=opts["quick_generator"])
+            self._seed_loop_demo(user, "image", quick=opts["quick_generator"])
         project = Project.objects.filter(slug=opts["slug"]).first()
         if project is not None and Comparison.objects.filter(project=project).exists():
             self.stdout.write(f"demo project {project.slug!r} already seeded")
@@ -165,19 +165,10 @@ class Command(BaseCommand):
             )
         )
 
-    def _seed_loop(self, user: Any, *, quick: bool) -> None:
-        self._seed_loop_demo(user, "image", quick=quick)
-
     def _seed_loop_demo(self, user: Any, modality: str, *, quick: bool) -> None:
         from simulate import demo, demo_models
 
-        trained = quick or (demo.generator_path(modality) / demo_models.DONE_FILE).is_file()
-        self._seed_one(
-            demo.DEMOS[modality].slug, demo.DEMOS[modality].directory, trained,
-            lambda progress: demo.loop_demo_seed(modality, owner=user, quick=quick, progress=progress),
-        )  # fmt: skip
-
-    def _seed_one(self, slug: str, what: str, trained: bool, seed: Any) -> None:
+        slug, what = demo.DEMOS[modality].slug, demo.DEMOS[modality].directory
         if Project.objects.filter(slug=slug).exists():
             self.stdout.write(f"loop demo project {slug!r} already seeded")
             return
@@ -188,10 +179,10 @@ class Command(BaseCommand):
                 bars[phase] = tqdm(total=steps, desc=f"training the demo {what} model: {phase}", unit="step")
             bars[phase].update(step - bars[phase].n)
 
-        if not trained:
+        if not quick and not (demo.generator_path(modality) / demo_models.DONE_FILE).is_file():
             self.stdout.write(f"Training the demo {what} generator (first run only, a few minutes)...")
         try:
-            project = seed(progress)
+            project = demo.loop_demo_seed(modality, owner=user, quick=quick, progress=progress)
         finally:
             for bar in bars.values():
                 bar.close()
